@@ -1,0 +1,117 @@
+"""Per-token divergences between a teacher distribution p_T and a student distribution p_S.
+
+Every function takes logits that the caller has already divided by the temperature,
+`student_logits` and `teacher_logits` of shape [N, V] (any leading dims work), and returns the
+divergence per position, shape [N]. Math runs in at least float32 on log-probabilities
+(`log_softmax`); mixtures such as λ p + (1 - λ) q are formed in log space with `logaddexp`, so
+no log(0) is ever taken.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _log_probs(logits: Tensor) -> Tensor:
+    """log_softmax over the vocabulary, upcast to float32 (fp64 stays fp64)."""
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def _log_mix(logp: Tensor, logq: Tensor, lam: float) -> Tensor:
+    """log(λ p + (1 - λ) q) from log p and log q, for 0 <= λ <= 1."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"mixing weight must lie in [0, 1], got {lam}")
+    log_lam = math.log(lam) if lam > 0 else -math.inf
+    log_rest = math.log1p(-lam) if lam < 1 else -math.inf
+    return torch.logaddexp(logp + log_lam, logq + log_rest)
+
+
+def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) = Σ_v p_v (log p_v - log q_v), summed over the last dim."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(p_T || p_S): mode-covering, the classic KD loss. [N, V] x2 -> [N]."""
+    return _kl(_log_probs(teacher_logits), _log_probs(student_logits))
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(p_S || p_T): mode-seeking (MiniLLM). [N, V] x2 -> [N]."""
+    return _kl(_log_probs(student_logits), _log_probs(teacher_logits))
+
+
+def skew_forward_kl(student_logits: Tensor, teacher_logits: Tensor, lam: float = 0.1) -> Tensor:
+    """DistiLLM skew KL: KL(p_T || λ p_T + (1 - λ) p_S); bounded by -log λ. [N, V] x2 -> [N]."""
+    lt, ls = _log_probs(teacher_logits), _log_probs(student_logits)
+    return _kl(lt, _log_mix(lt, ls, lam))
+
+
+def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, lam: float = 0.1) -> Tensor:
+    """DistiLLM skew reverse KL: KL(p_S || λ p_S + (1 - λ) p_T). [N, V] x2 -> [N]."""
+    lt, ls = _log_probs(teacher_logits), _log_probs(student_logits)
+    return _kl(ls, _log_mix(ls, lt, lam))
+
+
+def js(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Jensen-Shannon: ½ KL(p_T || m) + ½ KL(p_S || m), m = ½ (p_T + p_S); in [0, log 2]. [N, V] x2 -> [N]."""
+    lt, ls = _log_probs(teacher_logits), _log_probs(student_logits)
+    lm = _log_mix(lt, ls, 0.5)
+    return 0.5 * _kl(lt, lm) + 0.5 * _kl(ls, lm)
+
+
+def tvd(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Total variation distance ½ Σ_v |p_T - p_S|; in [0, 1]. [N, V] x2 -> [N]."""
+    pt, ps = _log_probs(teacher_logits).exp(), _log_probs(student_logits).exp()
+    return 0.5 * (pt - ps).abs().sum(-1)
+
+
+def adaptive_kl(student_logits: Tensor, teacher_logits: Tensor, mu: float = 0.5) -> Tensor:
+    """Adaptive KL (AKL, Wu et al. 2024): FKL and RKL mixed by where the two distributions differ.
+
+    Sort the vocabulary by teacher probability ascending; the tail is the tokens whose cumulative
+    teacher probability is <= μ, the head the rest. With the detached gaps g_head = Σ_head |p_T - p_S|
+    and g_tail = Σ_tail |p_T - p_S|: AKL = g_head / (g_head + g_tail) FKL + g_tail / (g_head + g_tail) RKL.
+    Identical distributions give 0. [N, V] x2 -> [N].
+    """
+    lt, ls = _log_probs(teacher_logits), _log_probs(student_logits)
+    with torch.no_grad():
+        pt_sorted, order = lt.exp().sort(dim=-1)
+        gap = (pt_sorted - ls.exp().gather(-1, order)).abs()
+        tail = pt_sorted.cumsum(-1) <= mu
+        g_tail = (gap * tail).sum(-1)
+        g_head = (gap * ~tail).sum(-1)
+        total = (g_head + g_tail).clamp_min(torch.finfo(gap.dtype).tiny)
+    return g_head / total * _kl(lt, ls) + g_tail / total * _kl(ls, lt)
+
+
+def topk_forward_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, rest_mass: Tensor) -> Tensor:
+    """KL(p_T || p_S) when the teacher is known only by its top-K log-probs and left-over mass.
+
+    The K tokens are buckets of their own, all other tokens one extra bucket of mass r:
+    D = Σ_k p_T,k (log p_T,k - log p_S,k) + r (log r - log(1 - Σ_k p_S,k)).
+    log(1 - Σ_k p_S,k) is a logsumexp over the student's log-probs outside the top K (exact, no
+    cancellation); r = 0 contributes 0. With K = V this is the dense forward KL.
+    student_logits [N, V], topk_ids [N, K] int, topk_logprobs [N, K], rest_mass [N] -> [N].
+    """
+    ls = _log_probs(student_logits)
+    lt_k = topk_logprobs.to(ls.dtype)
+    ls_k = ls.gather(-1, topk_ids)
+    ls_rest = ls.scatter(-1, topk_ids, -math.inf).logsumexp(-1)
+    r = rest_mass.to(ls.dtype).clamp_min(0.0)
+    rest_term = torch.where(r > 0, r * (r.log() - ls_rest), torch.zeros_like(r))
+    return (lt_k.exp() * (lt_k - ls_k)).sum(-1) + rest_term
+
+
+DIVERGENCES = {
+    "fkl": forward_kl,
+    "rkl": reverse_kl,
+    "skl": skew_forward_kl,
+    "srkl": skew_reverse_kl,
+    "js": js,
+    "tvd": tvd,
+    "akl": adaptive_kl,
+}
