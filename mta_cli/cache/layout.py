@@ -1,0 +1,71 @@
+"""On-disk layout of an `mta` cache: array names, state encodings, and the root metadata.
+
+A cache is a Zarr v3 group:
+
+    <root>/zarr.json                 attrs["mta"]: self-describing metadata (see `CacheMeta`)
+    <root>/head/weight [V, d]        the teacher's output head (+ head/bias [V]), stored exactly
+    <root>/shards/00000/...          one group per shard, CSR ("ragged") arrays, no padding:
+        text_bytes  uint8 [C]        utf-8 of every sample's text, concatenated; text_ptr int64 [n+1]
+        prompt_chars int32 [n]       length of the prompt part of each text
+        source_line int32 [n]        1-based line of the record in the data file
+        input_ids   int32 [T]        teacher token ids, all samples concatenated; token_ptr int64 [n+1]
+        offsets     int32 [T, 2]     char range of each token in its sample's text
+        n_prompt_tokens int32 [n]    tokens [0, n_prompt) of a sample are prompt, the rest are targets
+        states/<l>  [T, d]           teacher hidden states of layer l (bf16 bits as uint16, fp16, fp32, int8)
+        states/<l>.scale float32 [T] per-token absmax scale, int8 only
+        words / phrases int32 [K, 2] char spans; *_tokens int32 [K, 2] teacher token ranges;
+        *_labels uint8 [K]; word_ptr / phrase_ptr int64 [n+1]
+        topk_ids int32 [T, k], topk_logprobs float32 [T, k], topk_rest float32 [T]   (only with --top-k)
+    A shard's group attrs get {"complete": true, ...} only after all its arrays are written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from zarr.codecs import BloscCodec, BloscShuffle
+
+FORMAT_VERSION = 1
+STATE_DTYPES = ("bf16", "fp16", "fp32", "int8")
+BYTES_PER_VALUE = {"bf16": 2, "fp16": 2, "fp32": 4, "int8": 1}
+INNER_CHUNK_ROWS = 4096  # rows decoded together when one sample is read at random
+
+
+def shard_name(index: int) -> str:
+    return f"shards/{index:05d}"
+
+
+def compressor(typesize: int) -> BloscCodec:
+    """Blosc zstd level 3 with byte shuffle: ~0.75 of raw size on bf16 hidden states."""
+    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, typesize=typesize)
+
+
+def encode_states(h: torch.Tensor, dtype: str) -> dict[str, np.ndarray]:
+    """Encode hidden states [T, d] for storage; returns {"": values} plus {".scale": [T]} for int8."""
+    if dtype == "bf16":
+        return {"": h.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)}
+    if dtype == "fp16":
+        if torch.isinf(h.to(torch.float16)).any():
+            raise OverflowError("hidden states exceed the fp16 range (65504); use --dtype bf16")
+        return {"": h.to(torch.float16).numpy()}
+    if dtype == "fp32":
+        return {"": h.to(torch.float32).numpy()}
+    if dtype == "int8":
+        h = h.to(torch.float32)
+        scale = h.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+        q = torch.round(h / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"": q.numpy(), ".scale": scale.numpy()}
+    raise ValueError(f"unknown state dtype {dtype!r}; choose one of {', '.join(STATE_DTYPES)}")
+
+
+def decode_states(values: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> torch.Tensor:
+    """Inverse of `encode_states`: stored values [T, d] -> float32 tensor [T, d]."""
+    if dtype == "bf16":
+        return torch.from_numpy(np.ascontiguousarray(values).view(np.int16)).view(torch.bfloat16).float()
+    if dtype == "int8":
+        return torch.from_numpy(values).float() * torch.from_numpy(scale)[:, None]
+    return torch.from_numpy(np.ascontiguousarray(values)).float()
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    return np.dtype({"bf16": np.uint16, "fp16": np.float16, "fp32": np.float32, "int8": np.int8}[dtype])

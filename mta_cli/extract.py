@@ -1,0 +1,348 @@
+"""`mta extract`: run the teacher and spaCy once over a JSONL file and store what training needs.
+
+Pipeline per shard (S samples): the teacher runs length-bucketed batches while a background thread
+segments the same texts with spaCy, and a second background thread writes the previous shard; the
+three meet only at the shard boundary, so the teacher never waits for parsing or I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mta_cli import __version__
+from mta_cli.cache.layout import BYTES_PER_VALUE, FORMAT_VERSION, STATE_DTYPES, encode_states
+from mta_cli.cache.store import CacheError, CacheWriter
+from mta_cli.encode import Encoded, encode_record
+from mta_cli.losses.schedule import default_teacher_layers
+from mta_cli.models import (ModelSource, hidden_size, load_causal_lm, load_tokenizer, n_layers, resolve_device,
+                            tokenizer_fingerprint, weights_fingerprint)
+from mta_cli.records import load_records
+from mta_cli.segment import Segmenter, spans_to_token_ranges
+from mta_cli.teacher import apply_head, output_head, teacher_forward
+
+# Compressed size / raw size of stored states, measured on SmolLM2-135M states (Blosc zstd 3 + shuffle).
+COMPRESSION_ESTIMATE = {"bf16": 0.78, "fp16": 0.85, "fp32": 0.9, "int8": 0.85}
+
+
+@dataclass
+class ExtractConfig:
+    """Every option of `mta extract` (see its --help)."""
+
+    teacher: str
+    data: str
+    out: str
+    format: str = "auto"
+    layers: list[int] | None = None
+    dtype: str = "bf16"
+    teacher_dtype: str = "fp32"
+    device: str = "auto"
+    max_length: int = 512
+    max_prompt_length: int = 256
+    append_eos: bool = True
+    batch_size: int = 8
+    shard_size: int = 256
+    top_k: int = 0
+    spacy_model: str = "auto"
+    words: str = "all"
+    spacy_processes: int = 1
+    skip_invalid: bool = False
+    trust_remote_code: bool = False
+    seed: int = 0
+
+
+@dataclass
+class ExtractSummary:
+    """What an extraction did; printed by the CLI (as JSON with --json)."""
+
+    out: str
+    samples: int
+    tokens: int
+    shards: int
+    shards_reused: int
+    skipped_invalid: int
+    dropped_no_response: int
+    truncated: int
+    layers: list[int]
+    seconds: float
+    tokens_per_second: float          # extraction throughput: tokens / wall time of the shard loop
+    teacher_seconds: float
+    bytes_written: int                # compressed bytes on disk of the shards written by this run
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """Validated records, tokenized and cut into shards; everything a dry run needs."""
+
+    tokenizer: object
+    dataset: object
+    samples: list[Encoded]
+    source_lines: list[int]
+    dropped: int
+    truncated: int
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s.input_ids) for s in self.samples)
+
+
+def plan(config: ExtractConfig) -> Plan:
+    """Load, validate and tokenize the data. Raises DataError before anything is written."""
+    if config.dtype not in STATE_DTYPES:
+        raise ValueError(f"--dtype {config.dtype!r} is not one of {', '.join(STATE_DTYPES)}")
+    if config.max_prompt_length >= config.max_length:
+        raise ValueError("--max-prompt-length must be smaller than --max-length")
+    tokenizer = load_tokenizer(config.teacher, trust_remote_code=config.trust_remote_code)
+    dataset = load_records(config.data, fmt=config.format, tokenizer=tokenizer, skip_invalid=config.skip_invalid)
+    samples, lines, dropped = [], [], 0
+    for record in dataset.records:
+        encoded = encode_record(tokenizer, record, config.max_length, config.max_prompt_length, config.append_eos)
+        if encoded is None:
+            dropped += 1
+            continue
+        samples.append(encoded)
+        lines.append(record.line)
+    if not samples:
+        raise ValueError(f"{config.data}: no record leaves room for a response within --max-length {config.max_length}")
+    return Plan(tokenizer, dataset, samples, lines, dropped, sum(s.truncated for s in samples))
+
+
+def estimate_bytes(config: ExtractConfig, n_tokens: int, n_teacher_layers: int, d: int, vocab: int) -> dict:
+    """Estimated cache size: per-token figures and totals, raw and after compression."""
+    layers = config.layers or default_teacher_layers(n_teacher_layers)
+    n_stored = len(set(layers) | {n_teacher_layers})
+    per_value = BYTES_PER_VALUE[config.dtype]
+    state_raw = n_stored * d * per_value + (4 * n_stored if config.dtype == "int8" else 0)
+    token_raw = state_raw + 12 + (8 * config.top_k + 4 if config.top_k else 0)  # ids, offsets, top-k
+    per_token = state_raw * COMPRESSION_ESTIMATE[config.dtype] + 12 * 0.5 + (8 * config.top_k + 4 if config.top_k else 0)
+    head = vocab * d * 4
+    return {"tokens": n_tokens, "layers": sorted(set(layers) | {n_teacher_layers}), "raw_bytes_per_token": token_raw,
+            "est_bytes_per_token": per_token, "head_bytes": head, "est_total_bytes": int(per_token * n_tokens + head)}
+
+
+def resolve_layers(requested: list[int] | None, n_teacher_layers: int) -> list[int]:
+    layers = requested or default_teacher_layers(n_teacher_layers)
+    bad = [l for l in layers if not 0 <= l <= n_teacher_layers]
+    if bad:
+        raise ValueError(f"--layers {bad} out of range: the teacher has layers 0..{n_teacher_layers}")
+    return sorted(set(layers) | {n_teacher_layers})
+
+
+def check_head(model, head: dict, input_ids: torch.Tensor) -> None:
+    """Refuse a teacher whose logits the stored head does not reproduce (unknown head type)."""
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+        recomputed = apply_head(out.hidden_states[-1], head)
+    if not torch.allclose(recomputed.float(), out.logits.float(), rtol=1e-3, atol=1e-3):
+        raise CacheError("the teacher's logits are not reproduced by its output head (unsupported head type); "
+                         "please report the model architecture")
+
+
+def shard_arrays(samples: list[Encoded], lines: list[int], segmentations: list, states: list[dict],
+                 topk: list[dict] | None) -> dict[str, np.ndarray]:
+    """Concatenate one shard's per-sample pieces into CSR arrays (see cache.layout)."""
+
+    def ptr(lengths) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+    def cat(parts, dtype, width=None) -> np.ndarray:
+        shape = (0, width) if width else (0,)
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(shape, dtype)
+
+    texts = [s.text.encode("utf-8") for s in samples]
+    arrays = {
+        "text_bytes": np.frombuffer(b"".join(texts), dtype=np.uint8).copy(),
+        "text_ptr": ptr([len(t) for t in texts]),
+        "prompt_chars": np.array([s.prompt_chars for s in samples], np.int32),
+        "source_line": np.array(lines, np.int32),
+        "token_ptr": ptr([len(s.input_ids) for s in samples]),
+        "input_ids": cat([s.input_ids for s in samples], np.int32),
+        "offsets": cat([s.offsets for s in samples], np.int32, 2),
+        "n_prompt_tokens": np.array([s.n_prompt_tokens for s in samples], np.int32),
+    }
+    for kind, plural in (("word", "words"), ("phrase", "phrases")):
+        spans = [getattr(seg, plural) for seg in segmentations]
+        arrays[plural] = cat(spans, np.int32, 2)
+        arrays[f"{kind}_tokens"] = cat(
+            [spans_to_token_ranges(s.text, s.offsets, sp) for s, sp in zip(samples, spans)], np.int32, 2)
+        arrays[f"{kind}_labels"] = cat([getattr(seg, f"{kind}_labels") for seg in segmentations], np.uint8)
+        arrays[f"{kind}_ptr"] = ptr([len(sp) for sp in spans])
+    for key in states[0]:
+        arrays[f"states/{key[0]}{key[1]}"] = np.concatenate([s[key] for s in states])
+    if topk:
+        for name in ("topk_ids", "topk_logprobs", "topk_rest"):
+            arrays[name] = np.concatenate([t[name] for t in topk])
+    return arrays
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (stable sort: deterministic)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def run_teacher(model, samples: list[Encoded], config: ExtractConfig, layers: list[int], head: dict,
+                pad_id: int, device: torch.device, on_batch: Callable[[int], None]):
+    """Teacher states of every sample of a shard, encoded for storage, in sample order."""
+    states: list[dict] = [None] * len(samples)
+    topk: list[dict] | None = [None] * len(samples) if config.top_k else None
+    for batch in length_batches([len(s.input_ids) for s in samples], config.batch_size):
+        width = max(len(samples[i].input_ids) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(samples[i].input_ids)
+            ids[row, :n] = torch.from_numpy(samples[i].input_ids.astype(np.int64))
+            mask[row, :n] = 1
+        out = teacher_forward(model, ids.to(device), mask.to(device), layers, head, config.top_k)
+        for row, i in enumerate(batch):
+            n = len(samples[i].input_ids)
+            encoded = {}
+            for layer, h in out.states.items():
+                for suffix, values in encode_states(h[row, :n].cpu(), config.dtype).items():
+                    encoded[(layer, suffix)] = values
+            states[i] = encoded
+            if topk is not None:
+                topk[i] = {"topk_ids": out.topk_ids[row, :n].cpu().numpy(),
+                           "topk_logprobs": out.topk_logprobs[row, :n].float().cpu().numpy(),
+                           "topk_rest": out.topk_rest[row, :n].float().cpu().numpy()}
+        on_batch(int(mask.sum()))
+    return states, topk
+
+
+def cache_metadata(config: ExtractConfig, the_plan: Plan, model, layers: list[int], segmenter: Segmenter) -> dict:
+    src = ModelSource.parse(config.teacher)
+    text_config = model.config.get_text_config()
+    tok = the_plan.tokenizer
+    content = {  # decides the cache's content: must match to resume
+        "teacher": {"source": src.display, "weights_sha256": weights_fingerprint(model), "dtype": config.teacher_dtype},
+        "tokenizer_sha256": tokenizer_fingerprint(tok),
+        "layers": layers,
+        "state_dtype": config.dtype,
+        "top_k": config.top_k,
+        "max_length": config.max_length,
+        "max_prompt_length": config.max_prompt_length,
+        "append_eos": config.append_eos,
+        "shard_size": config.shard_size,
+        "segmentation": segmenter.settings,
+        "data": {"sha256": the_plan.dataset.sha256, "format": the_plan.dataset.format,
+                 "skip_invalid": config.skip_invalid},
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": f"mta-cli {__version__}",
+        "config": content,
+        "teacher": {
+            "source": src.display,
+            "architecture": (model.config.architectures or [type(model).__name__])[0],
+            "model_type": text_config.model_type,
+            "n_layers": n_layers(model),
+            "hidden_size": hidden_size(model),
+            "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+            "config": model.config.to_dict(),
+        },
+        "tokenizer": {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+                      "pad_token_id": tok.pad_token_id, "chat_template": getattr(tok, "chat_template", None)},
+        "data": {"path": str(config.data), "records": len(the_plan.dataset.records),
+                 "skipped_invalid": len(the_plan.dataset.skipped), "dropped_no_response": the_plan.dropped,
+                 "truncated": the_plan.truncated},
+        "n_samples": len(the_plan.samples),
+        "n_shards": -(-len(the_plan.samples) // config.shard_size),
+        "n_tokens": the_plan.n_tokens,
+    }
+
+
+def head_arrays(head: dict, teacher_dtype: str) -> dict[str, np.ndarray]:
+    """The head stored in the teacher's compute precision, bit for bit."""
+    dtype = teacher_dtype if teacher_dtype in ("bf16", "fp16") else "fp32"
+    arrays = {"weight": encode_states(head["weight"].cpu(), dtype)[""]}
+    if head["bias"] is not None:
+        arrays["bias"] = encode_states(head["bias"].cpu()[None], dtype)[""][0]
+    return arrays
+
+
+def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None = None) -> ExtractSummary:
+    """Run the teacher and spaCy over `config.data` once and write (or resume) the cache at `config.out`.
+
+    `progress(event, info)` is called with ("start", {samples, tokens}), ("batch", {samples, tokens,
+    bytes}) and ("shard", {...}) so a CLI can draw a progress bar; the library prints nothing.
+    """
+    report = progress or (lambda event, info: None)
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    the_plan = plan(config)
+    device = resolve_device(config.device)
+    model = load_causal_lm(config.teacher, config.teacher_dtype, str(device), config.trust_remote_code)
+    layers = resolve_layers(config.layers, n_layers(model))
+    head = output_head(model)
+    check_head(model, head, torch.from_numpy(the_plan.samples[0].input_ids[None].astype(np.int64)).to(device))
+    segmenter = Segmenter(config.spacy_model, words=config.words, n_process=config.spacy_processes)
+
+    meta = cache_metadata(config, the_plan, model, layers, segmenter)
+    meta["teacher"]["head"] = {"dtype": config.teacher_dtype if config.teacher_dtype in ("bf16", "fp16") else "fp32",
+                               "scale": head["scale"], "softcap": head["softcap"],
+                               "has_bias": head["bias"] is not None}
+    writer = CacheWriter(config.out, meta)
+    writer.write_head(head_arrays(head, config.teacher_dtype))
+
+    size = config.shard_size
+    shards = [(k, list(range(k * size, min((k + 1) * size, len(the_plan.samples)))))
+              for k in range(meta["n_shards"])]
+    todo = [(k, idx) for k, idx in shards if not writer.shard_complete(k)]
+    reused = len(shards) - len(todo)
+    todo_tokens = sum(len(the_plan.samples[i].input_ids) for _, idx in todo for i in idx)
+    report("start", {"samples": sum(len(idx) for _, idx in todo), "tokens": todo_tokens, "reused_shards": reused})
+
+    counters = {"tokens": 0, "bytes": 0, "teacher_seconds": 0.0}
+    pad_id = the_plan.tokenizer.pad_token_id if the_plan.tokenizer.pad_token_id is not None else 0
+    with ThreadPoolExecutor(1, thread_name_prefix="mta-spacy") as parse_pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="mta-write") as write_pool:
+        def parse_async(idx: list[int]) -> Future:
+            return parse_pool.submit(lambda: list(segmenter(the_plan.samples[i].text for i in idx)))
+
+        loop_started = time.perf_counter()
+        pending_write: Future | None = None
+        next_parse = parse_async(todo[0][1]) if todo else None
+        for position, (k, idx) in enumerate(todo):
+            parse = next_parse
+            if position + 1 < len(todo):
+                next_parse = parse_async(todo[position + 1][1])
+            samples = [the_plan.samples[i] for i in idx]
+
+            def on_batch(n_tokens: int) -> None:
+                counters["tokens"] += n_tokens
+                report("batch", {"tokens": n_tokens, "bytes": counters["bytes"]})
+
+            t0 = time.perf_counter()
+            states, topk = run_teacher(model, samples, config, layers, head, pad_id, device, on_batch)
+            counters["teacher_seconds"] += time.perf_counter() - t0
+            arrays = shard_arrays(samples, [the_plan.source_lines[i] for i in idx], parse.result(), states, topk)
+            if pending_write is not None:
+                pending_write.result()
+            attrs = {"n_samples": len(samples), "n_tokens": int(arrays["token_ptr"][-1]), "first_sample": idx[0]}
+            pending_write = write_pool.submit(write_and_count, writer, k, arrays, attrs, counters, report)
+        if pending_write is not None:
+            pending_write.result()
+        loop_seconds = time.perf_counter() - loop_started
+
+    elapsed = time.perf_counter() - started
+    summary = ExtractSummary(
+        out=str(config.out), samples=len(the_plan.samples), tokens=the_plan.n_tokens, shards=len(shards),
+        shards_reused=reused, skipped_invalid=len(the_plan.dataset.skipped), dropped_no_response=the_plan.dropped,
+        truncated=the_plan.truncated, layers=layers, seconds=elapsed,
+        tokens_per_second=counters["tokens"] / loop_seconds if counters["tokens"] else 0.0,
+        teacher_seconds=counters["teacher_seconds"], bytes_written=counters["bytes"],
+    )
+    writer.finish({"extraction": {k: v for k, v in asdict(summary).items() if k in ("seconds", "tokens_per_second")}})
+    return summary
+
+
+def write_and_count(writer: CacheWriter, k: int, arrays: dict, attrs: dict, counters: dict, report) -> None:
+    counters["bytes"] += writer.write_shard(k, arrays, attrs)
+    report("shard", {"index": k, "samples": attrs["n_samples"], "bytes": counters["bytes"]})
