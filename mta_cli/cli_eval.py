@@ -1,0 +1,70 @@
+"""`mta eval`: the command-line layer over `mta_cli.evaluation.evaluate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mta_cli.evaluation import DEFAULT_SEEDS, EvalError, evaluate, render_table
+from mta_cli.models import ModelLoadError
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise EvalError(f"--seeds must be comma-separated integers such as 10,20,30, got {text!r}") from None
+
+
+def eval_command(
+    model: list[str] = typer.Option(..., "--model", help="model to evaluate: HF folder, hub name or .gguf file; "
+                                                         "repeat for several"),
+    data: list[str] = typer.Option(..., "--data", help="JSONL data file with references; repeat for several"),
+    seeds: str = typer.Option(",".join(map(str, DEFAULT_SEEDS)), "--seeds",
+                              help="comma-separated sampling seeds; ROUGE-L is mean ± std over them"),
+    greedy: bool = typer.Option(False, "--greedy", help="greedy decoding, one pass (seeds ignored)"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="longest response generated"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="prompts per generation / NLL batch"),
+    max_records: int | None = typer.Option(None, "--max-records", min=1, help="evaluate only the first N records "
+                                                                             "of each file"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16"),
+    json_out: Path | None = typer.Option(None, "--json", help="write every figure as JSON to this file"),
+    generations: Path | None = typer.Option(None, "--generations", help="write every generation as JSONL to this "
+                                            "file (with --json, by default <stem>.generations.jsonl next to it)"),
+) -> None:
+    """Evaluate models on instruction data: ROUGE-L over sampling seeds, and NLL / perplexity.
+
+    Sampling at temperature 1, top-p 1; ROUGE-L F x100 (stemmed), max over references, mean ± std over seeds.
+
+    NLL / perplexity of the first reference given the prompt. The table goes to stdout, progress to stderr.
+
+    Example:
+
+        mta eval --model runs/student --model teacher.gguf --data dev.jsonl --seeds 10,20 --json eval.json
+    """
+    err = Console(stderr=True)
+    try:
+        seed_list = _parse_seeds(seeds)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True, disable=not err.is_terminal) as progress:
+            report = evaluate(model, data, seeds=seed_list, greedy=greedy, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, max_records=max_records, device=device, dtype=dtype,
+                              progress=progress)
+        Console().print(render_table(report))
+        if json_out:
+            json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+            err.print(f"figures written to {json_out}", markup=False, highlight=False)
+        if generations is None and json_out is not None:
+            generations = json_out.with_name(json_out.stem + ".generations.jsonl")
+        if generations:
+            report.write_generations(generations)
+            err.print(f"{len(report.generations)} generations written to {generations}", markup=False,
+                      highlight=False)
+    except (EvalError, ModelLoadError, ValueError, OSError) as e:
+        err.print(f"error: {e}", style="red", markup=False, highlight=False)
+        raise typer.Exit(1) from e

@@ -1,0 +1,353 @@
+"""Evaluation of instruction-following models: the protocol of method.md §8.
+
+For every model and data file: sample one response per prompt for each seed (temperature 1, top-p 1 by
+default), score it with ROUGE-L F x100 (max over references), average over records per seed, then report
+mean and std over seeds; plus the teacher-forced NLL / perplexity of the first reference. Everything is a
+plain function; the CLI (`mta eval`) and any progress display sit on top.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache, partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+
+from mta_cli import __version__
+from mta_cli.encode import encode_record
+from mta_cli.models import ModelSource, load_causal_lm, load_tokenizer, resolve_device
+from mta_cli.records import load_records
+
+DEFAULT_SEEDS = (10, 20, 30, 40, 50)
+GREEDY = "greedy"  # the key of the single pass of greedy decoding where seeds would be
+
+
+class EvalError(ValueError):
+    """Evaluation cannot run as asked; the message names the file or setting and what to do."""
+
+
+@lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F-measure x100 of `prediction`, the max over `references` (rouge-score, Porter stemming)."""
+    if not references:
+        raise ValueError("rouge_l needs at least one reference")
+    return 100.0 * max(_scorer().score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a response: the tokenizer's EOS plus any EOS of the model's generation config."""
+    ids = [tokenizer.eos_token_id]
+    configured = model.generation_config.eos_token_id
+    ids += configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in ids if i is not None})
+
+
+def _prompt_limit(model, max_new_tokens: int) -> int | None:
+    """How many prompt tokens fit before `max_new_tokens` new ones; None when the model has no position limit."""
+    max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if max_positions is None:
+        return None
+    if max_new_tokens >= max_positions:
+        raise EvalError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt: the model has "
+                        f"{max_positions} positions; lower --max-new-tokens")
+    return max_positions - max_new_tokens
+
+
+def _prompt_ids(tokenizer, prompt: str, limit: int | None) -> list[int]:
+    """Token ids of a prompt, left-truncated to `limit` (keeping a leading BOS) so that its end, which asks
+    for the response, survives."""
+    ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise ValueError(f"prompt {prompt!r} has no tokens")
+    if limit is None or len(ids) <= limit:
+        return ids
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[0] == bos:
+        return [bos] + ids[len(ids) - limit + 1:]
+    return ids[len(ids) - limit:]
+
+
+def _batch_seed(seed: int, batch_index: int) -> int:
+    """A seed for one batch, derived from (seed, batch index) without overlap between nearby seeds."""
+    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0])
+
+
+def _cut_at_eos(ids: list[int], eos: list[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[:i]
+    return ids
+
+
+def generate(model, tokenizer, prompts: list[str], seed: int, greedy: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 8,
+             on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """One response per prompt, in the order of `prompts`.
+
+    Prompts are sorted by token length (longest first), batched with left padding, and the order restored.
+    Sampling is pure (no top-k, no repetition penalty) at `temperature` / `top_p`; greedy ignores `seed`.
+    `model.generate` draws from torch's global RNG, so each batch reseeds it from (seed, batch index) inside
+    `torch.random.fork_rng` (the caller's RNG state is left untouched): the same seed, prompts and batch size
+    give the same outputs on the same device. A response stops at EOS; only new tokens are decoded, special
+    tokens skipped. A prompt longer than the model's max positions minus `max_new_tokens` is truncated from
+    the left (a leading BOS kept). `on_batch(n)` is called after each batch of n prompts.
+    """
+    if not prompts:
+        return []
+    limit = _prompt_limit(model, max_new_tokens)
+    encoded = [_prompt_ids(tokenizer, p, limit) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    decoding = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p,
+                                                         top_k=0, repetition_penalty=1.0)
+    device = model.device
+    outputs: list[str] = [""] * len(prompts)
+    with torch.random.fork_rng(), torch.inference_mode():
+        for b, start in enumerate(range(0, len(order), batch_size)):
+            idx = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                n = len(encoded[i])
+                input_ids[row, width - n:] = torch.tensor(encoded[i])
+                attention_mask[row, width - n:] = 1
+            torch.manual_seed(_batch_seed(seed, b))
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **decoding)
+            for i, new in zip(idx, out[:, width:].tolist()):
+                outputs[i] = tokenizer.decode(_cut_at_eos(new, eos), skip_special_tokens=True)
+            if on_batch:
+                on_batch(len(idx))
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------- likelihood
+
+
+def reference_nll(model, tokenizer, records, batch_size: int = 8, max_length: int = 512,
+                  max_prompt_length: int = 256, on_batch: Callable[[int], None] | None = None) -> tuple[float, float]:
+    """(mean NLL in nats, perplexity) of the first reference given the prompt, teacher-forced.
+
+    The mean is over all response tokens of all records (a token-level mean, not a mean of per-record means),
+    the EOS token appended to each response counted as a target; ppl = exp(mean NLL). Records are encoded
+    like training samples (`encode_record`: at most `max_prompt_length` prompt and `max_length` total tokens;
+    a record with no response token left is skipped).
+    """
+    encoded = (encode_record(tokenizer, r, max_length, max_prompt_length, append_eos=True) for r in records)
+    encs = sorted((e for e in encoded if e is not None), key=lambda e: len(e.input_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = model.device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(encs), batch_size):
+            batch = encs[start:start + batch_size]
+            width = max(len(e.input_ids) for e in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            target = torch.zeros((len(batch), width), dtype=torch.bool)  # [B, T]: position t is a response token
+            for row, e in enumerate(batch):
+                n = len(e.input_ids)
+                ids[row, :n] = torch.as_tensor(e.input_ids, dtype=torch.long)
+                mask[row, :n] = 1
+                target[row, max(e.n_prompt_tokens, 1):n] = True  # token 0 has nothing to be predicted from
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [B, T, V]
+            picked = target[:, 1:].to(device)  # logits at t-1 predict the token at t
+            total += F.cross_entropy(logits[:, :-1][picked].float(), ids[:, 1:].to(device)[picked],
+                                     reduction="sum").item()
+            count += int(picked.sum())
+            if on_batch:
+                on_batch(len(batch))
+    if count == 0:
+        raise ValueError("no response tokens to score: every response is empty or truncated away")
+    mean = total / count
+    return mean, math.exp(mean)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class FileResult:
+    """Figures of one model on one data file. `rougeL_per_seed` maps str(seed) (or "greedy") to the mean
+    ROUGE-L over records; `rougeL_std` is the population std (ddof=0) over seeds, 0 for one seed."""
+
+    file: str
+    sha256: str
+    n_records: int
+    rougeL_mean: float
+    rougeL_std: float
+    rougeL_per_seed: dict[str, float]
+    nll: float
+    ppl: float
+    wall_s: float
+
+
+@dataclass
+class ModelResult:
+    model: str
+    load_s: float
+    files: list[FileResult]
+
+    def average(self) -> dict:
+        """Figures averaged over files: ROUGE-L per seed averaged over files, then mean and population std
+        over seeds (so the mean is the mean of the file means); NLL the mean of file NLLs, ppl = exp of it."""
+        keys = self.files[0].rougeL_per_seed.keys()
+        per_seed = {k: statistics.fmean(f.rougeL_per_seed[k] for f in self.files) for k in keys}
+        nll = statistics.fmean(f.nll for f in self.files)
+        return {"rougeL_mean": statistics.fmean(per_seed.values()), "rougeL_std": statistics.pstdev(per_seed.values()),
+                "rougeL_per_seed": per_seed, "nll": nll, "ppl": math.exp(nll),
+                "wall_s": sum(f.wall_s for f in self.files)}
+
+
+@dataclass
+class EvalReport:
+    """All figures of an `evaluate` run (`to_json`) and every generation (`write_generations`, JSONL)."""
+
+    settings: dict
+    models: list[ModelResult]
+    generations: list[dict] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        return {
+            "mta_version": __version__,
+            "settings": self.settings,
+            "models": [{"model": m.model, "load_s": m.load_s, "files": [asdict(f) for f in m.files],
+                        "average": m.average()} for m in self.models],
+        }
+
+    def write_generations(self, path: str | Path) -> None:
+        """One JSON object per line: model, file, seed (null when greedy), line, prompt, prediction,
+        references, rougeL."""
+        with open(path, "w", encoding="utf-8") as f:
+            for row in self.generations:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _file_labels(files: list[str]) -> list[str]:
+    """Short column names: file names, or the paths as given where two files share a name."""
+    names = [Path(f).name for f in files]
+    return [n if names.count(n) == 1 else f for n, f in zip(names, files)]
+
+
+def render_table(report: EvalReport) -> Table:
+    """One row per model; a "mean ± std" ROUGE-L cell per data file, their average, and NLL / ppl averaged
+    over files."""
+    s = report.settings
+    decoding = ("greedy" if s["greedy"] else
+                f"T={s['temperature']:g}, top-p={s['top_p']:g}, seeds {','.join(map(str, s['seeds']))}")
+    table = Table(title=f"ROUGE-L F x100 ({decoding}; mean ± std over seeds)")
+    table.add_column("model", overflow="fold")
+    files = [f.file for f in report.models[0].files] if report.models else []
+    for label in _file_labels(files):
+        table.add_column(label, justify="right")
+    for name in ("avg", "NLL", "ppl"):
+        table.add_column(name, justify="right")
+    for m in report.models:
+        avg = m.average()
+        cells = [f"{f.rougeL_mean:.2f} ± {f.rougeL_std:.2f}" for f in m.files]
+        table.add_row(m.model, *cells, f"{avg['rougeL_mean']:.2f} ± {avg['rougeL_std']:.2f}",
+                      f"{avg['nll']:.3f}", f"{avg['ppl']:.2f}")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+def _check_inputs(models: list[str], data_files: list[str], seeds: Sequence[int], greedy: bool) -> None:
+    if not models:
+        raise EvalError("no model given: pass at least one --model")
+    if not data_files:
+        raise EvalError("no data file given: pass at least one --data")
+    for spec in models:
+        ModelSource.parse(spec)  # raises for a missing .gguf file
+    if not greedy:
+        if not seeds:
+            raise EvalError("no seeds given: pass --seeds 10,20,... or use --greedy")
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise EvalError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
+
+
+def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DEFAULT_SEEDS, greedy: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 8,
+             max_records: int | None = None, max_length: int = 512, max_prompt_length: int = 256,
+             device: str = "auto", dtype: str = "fp32", progress=None) -> EvalReport:
+    """Evaluate every model on every data file (method.md §8) and return all figures and generations.
+
+    Each model is loaded once and freed before the next. Per file: one generation pass per seed (a single
+    greedy pass when `greedy`, seeds ignored), ROUGE-L per record (max over references), its mean over
+    records per seed, then mean and population std (ddof=0) over seeds; and the NLL / ppl of the first
+    reference (`reference_nll`). `progress` is an optional `rich.progress.Progress` to report to.
+    """
+    _check_inputs(models, data_files, seeds, greedy)
+    runs: list[int | None] = [None] if greedy else list(seeds)
+    settings = {"greedy": greedy, "seeds": None if greedy else list(seeds), "temperature": temperature,
+                "top_p": top_p, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                "max_records": max_records, "max_length": max_length, "max_prompt_length": max_prompt_length,
+                "device": str(resolve_device(device)), "dtype": dtype, "std": "population (ddof=0) over seeds"}
+    report = EvalReport(settings=settings, models=[])
+    datasets = {}  # path -> Dataset; chat files are re-rendered with each model's chat template
+    for spec in models:
+        name = ModelSource.parse(spec).display
+        t0 = time.perf_counter()
+        loading = progress.add_task(f"loading {name}", total=None) if progress else None
+        tokenizer = load_tokenizer(spec)
+        for path in data_files:  # read (and so validate) every file before the slow model load
+            if path not in datasets or datasets[path].format == "chat":
+                datasets[path] = load_records(path, tokenizer=tokenizer)
+        model = load_causal_lm(spec, dtype=dtype, device=device)
+        if progress:
+            progress.remove_task(loading)
+        result = ModelResult(model=name, load_s=time.perf_counter() - t0, files=[])
+        for path in data_files:
+            dataset = datasets[path]
+            records = dataset.records[:max_records] if max_records else dataset.records
+            advance = None
+            if progress:
+                task = progress.add_task(f"{name} · {Path(path).name}", total=len(records) * (len(runs) + 1))
+                advance = partial(progress.advance, task)
+            t0 = time.perf_counter()
+            prompts = [r.prompt for r in records]
+            per_seed: dict[str, float] = {}
+            for seed in runs:
+                predictions = generate(model, tokenizer, prompts, seed=0 if seed is None else seed, greedy=greedy,
+                                       temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, on_batch=advance)
+                scores = [rouge_l(p, r.responses) for p, r in zip(predictions, records)]
+                per_seed[GREEDY if seed is None else str(seed)] = statistics.fmean(scores)
+                report.generations += [
+                    {"model": name, "file": path, "seed": seed, "line": r.line, "prompt": r.prompt,
+                     "prediction": p, "references": list(r.responses), "rougeL": s}
+                    for r, p, s in zip(records, predictions, scores)]
+            nll, ppl = reference_nll(model, tokenizer, records, batch_size=batch_size, max_length=max_length,
+                                     max_prompt_length=max_prompt_length, on_batch=advance)
+            result.files.append(FileResult(
+                file=path, sha256=dataset.sha256, n_records=len(records),
+                rougeL_mean=statistics.fmean(per_seed.values()), rougeL_std=statistics.pstdev(per_seed.values()),
+                rougeL_per_seed=per_seed, nll=nll, ppl=ppl, wall_s=time.perf_counter() - t0))
+        report.models.append(result)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return report

@@ -1,0 +1,157 @@
+"""Evaluation: ROUGE-L, seeded generation, reference NLL, the report and `mta eval`."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import typer
+from rich.progress import Progress
+from rouge_score import rouge_scorer
+from typer.testing import CliRunner
+
+from mta_cli.cli_eval import eval_command
+from mta_cli.evaluation import evaluate, generate, reference_nll, render_table, rouge_l
+from mta_cli.records import Record
+from tests import tiny
+
+PROMPTS = [
+    "### Instruction:\nName three primary colors.\n\n### Response:\n",
+    "The quick brown fox",
+    "Tell me about the history of the Roman Empire and its famous emperors.\n\n### Response:\n",
+    "Alice",
+]
+RECORDS = [
+    Record(PROMPTS[0], ("Red, blue and yellow are the primary colors.", "Red, blue, yellow."), 1),
+    Record(PROMPTS[1], (" jumps over the lazy dog.",), 2),
+    Record(PROMPTS[2], ("It was long and full of emperors.",), 3),
+]
+
+
+@pytest.fixture(scope="module")
+def model(bl_tok):
+    return tiny.tiny_llama(bl_tok, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, bl_tok):
+    return [str(tiny.save_tiny_model(tmp_path_factory.mktemp(f"m{seed}"), bl_tok, tiny.tiny_llama(bl_tok, seed=seed)))
+            for seed in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    prompt_file, alpaca_file = d / "prompts.jsonl", d / "alpaca.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": r.prompt, "output": list(r.responses)}) + "\n"
+                                   for r in RECORDS))
+    alpaca_file.write_text(json.dumps({"instruction": "Name three primary colors.", "output": "Red, blue, yellow."})
+                           + "\n")
+    return [str(prompt_file), str(alpaca_file)]
+
+
+def test_rouge_l_hand_values_and_max_over_references():
+    assert rouge_l("the cat sat on the mat", ["the cat sat on the mat"]) == 100.0
+    assert rouge_l("the cat sat", ["a dog ran"]) == 0.0
+    # LCS of "the cat sat on the mat" / "the cat is on the mat" is "the cat on the mat": P = R = F = 5/6
+    assert rouge_l("the cat sat on the mat", ["the cat is on the mat"]) == pytest.approx(500 / 6)
+    assert rouge_l("the cat sat on the mat", ["a dog ran", "the cat is on the mat"]) == pytest.approx(500 / 6)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    pred, refs = "Cats were running quickly home", ["the cat runs home", "a cat ran quickly"]
+    direct = max(scorer.score(r, pred)["rougeL"].fmeasure for r in refs)
+    assert rouge_l(pred, refs) == pytest.approx(100 * direct)
+
+
+def test_sampling_is_reproducible_per_seed(model, bl_tok):
+    rng = torch.get_rng_state()
+    a = generate(model, bl_tok, PROMPTS, seed=10, max_new_tokens=12, batch_size=2)
+    assert torch.equal(rng, torch.get_rng_state()), "generate must leave the caller's RNG state alone"
+    assert generate(model, bl_tok, PROMPTS, seed=10, max_new_tokens=12, batch_size=2) == a
+    assert generate(model, bl_tok, PROMPTS, seed=20, max_new_tokens=12, batch_size=2) != a
+    assert len(a) == len(PROMPTS) and all(isinstance(s, str) for s in a)
+
+
+def test_greedy_is_deterministic_and_batching_does_not_change_it(model, bl_tok):
+    batched = generate(model, bl_tok, PROMPTS, seed=1, greedy=True, max_new_tokens=10, batch_size=4)
+    assert generate(model, bl_tok, PROMPTS, seed=2, greedy=True, max_new_tokens=10, batch_size=4) == batched
+    alone = [generate(model, bl_tok, [p], seed=0, greedy=True, max_new_tokens=10)[0] for p in PROMPTS]
+    assert batched == alone
+    assert any(batched)
+
+
+def test_long_prompts_are_left_truncated(bl_tok):
+    model = tiny.tiny_llama(bl_tok, seed=3)  # 256 positions
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 40
+    assert len(bl_tok(long_prompt)["input_ids"]) > 256
+    tail = bl_tok.decode(bl_tok(long_prompt)["input_ids"][-(256 - 8):])
+    kept = generate(model, bl_tok, [long_prompt], seed=0, greedy=True, max_new_tokens=8)
+    assert kept == generate(model, bl_tok, [tail], seed=0, greedy=True, max_new_tokens=8)
+
+
+def test_reference_nll_is_the_token_mean_cross_entropy(model, bl_tok):
+    total, count = 0.0, 0
+    for r in RECORDS:
+        enc = bl_tok(r.text, return_offsets_mapping=True)
+        ids = enc["input_ids"] + [bl_tok.eos_token_id]
+        response = [i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > len(r.prompt)] + [len(ids) - 1]
+        logits = model(torch.tensor([ids])).logits[0]
+        targets = torch.tensor(response)
+        total += F.cross_entropy(logits[targets - 1], torch.tensor(ids)[targets], reduction="sum").item()
+        count += len(response)
+    nll, ppl = reference_nll(model, bl_tok, RECORDS, batch_size=2)
+    assert nll == pytest.approx(total / count, rel=1e-5)
+    assert ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_evaluate_greedy_reports_one_pass(model_dirs, data_files):
+    with Progress(disable=True) as progress:
+        report = evaluate(model_dirs[:1], data_files[:1], greedy=True, max_new_tokens=6, device="cpu",
+                          progress=progress)
+    assert [(t.completed, t.total) for t in progress.tasks] == [(2 * len(RECORDS), 2 * len(RECORDS))]
+    result = report.to_json()["models"][0]["files"][0]
+    assert report.settings["seeds"] is None
+    assert list(result["rougeL_per_seed"]) == ["greedy"] and result["rougeL_std"] == 0.0
+    assert [g["seed"] for g in report.generations] == [None] * len(RECORDS)
+
+
+def test_eval_command_two_models(tmp_path, model_dirs, data_files):
+    app = typer.Typer()
+    app.command()(eval_command)
+    out = tmp_path / "eval.json"
+    args = ["--model", model_dirs[0], "--model", model_dirs[1], "--data", data_files[0], "--data", data_files[1],
+            "--seeds", "10,20", "--max-new-tokens", "6", "--batch-size", "2", "--device", "cpu", "--json", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert [m["model"] for m in figures["models"]] == model_dirs
+    rows = [json.loads(line) for line in (tmp_path / "eval.generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * (len(RECORDS) + 1)  # models x seeds x records of both files
+    for m in figures["models"]:
+        assert [f["n_records"] for f in m["files"]] == [len(RECORDS), 1]
+        for f in m["files"]:
+            per_seed = {s: sum(r["rougeL"] for r in rows if (r["model"], r["file"], r["seed"]) == (m["model"],
+                        f["file"], int(s))) / f["n_records"] for s in ("10", "20")}
+            assert f["rougeL_per_seed"] == pytest.approx(per_seed)
+            assert f["rougeL_mean"] == pytest.approx(sum(per_seed.values()) / 2)
+            assert f["rougeL_std"] == pytest.approx(abs(per_seed["10"] - per_seed["20"]) / 2)  # ddof=0
+            assert f["ppl"] == pytest.approx(math.exp(f["nll"]))
+        assert m["average"]["rougeL_mean"] == pytest.approx(sum(f["rougeL_mean"] for f in m["files"]) / 2)
+    assert all(name in result.stdout for name in model_dirs)
+    assert "prompts.jsonl" in result.stdout and "avg" in result.stdout
+
+
+def test_render_table_has_a_row_per_model_and_a_column_per_file(model_dirs, data_files):
+    report = evaluate(model_dirs, data_files, seeds=(10,), max_new_tokens=4, device="cpu")
+    table = render_table(report)
+    assert table.row_count == 2
+    assert [c.header for c in table.columns] == ["model", "prompts.jsonl", "alpaca.jsonl", "avg", "NLL", "ppl"]
+
+
+def test_eval_command_reports_a_missing_data_file(tmp_path, model_dirs):
+    app = typer.Typer()
+    app.command()(eval_command)
+    missing = str(tmp_path / "nope.jsonl")
+    result = CliRunner().invoke(app, ["--model", model_dirs[0], "--data", missing])
+    assert result.exit_code == 1
+    assert missing in result.stderr and "not found" in result.stderr
