@@ -36,7 +36,7 @@ USER_ERRORS = (DataError, CacheError, ModelLoadError, ValueError, FileNotFoundEr
 
 
 def fail(error: Exception) -> typer.Exit:
-    err.print(f"error: {error}", style="red", markup=False, highlight=False)
+    err.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(1)
 
 
@@ -171,6 +171,111 @@ class extract_progress:
         return self.progress.__exit__(*exc)
 
 
+def parse_ints(text: str | None, option: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def train(
+    out_path: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.jsonl, final student"),
+    cache: str = typer.Option(None, "--cache", help="extraction cache (offline training)"),
+    teacher: str = typer.Option(None, "--teacher", help="online baseline: live teacher (with --data)"),
+    data: str = typer.Option(None, "--data", help="online baseline: JSONL records (with --teacher)"),
+    student: str = typer.Option(None, "--student", help="student: HF name, folder or .gguf file"),
+    init_from_teacher: bool = typer.Option(False, "--init-from-teacher", help="student = depth-pruned teacher copy"),
+    keep_layers: int = typer.Option(None, "--keep-layers", min=1, help="layers kept by --init-from-teacher"),
+    student_config: str = typer.Option(None, "--student-config", help="JSON model config: random-init student"),
+    loss: str = typer.Option("srkl", "--loss", help="sft, fkl, rkl, skl, srkl, js, tvd or akl"),
+    kd_alpha: float = typer.Option(0.5, "--kd-alpha", min=0.0, max=1.0, help="loss = (1-α) CE + α D"),
+    temperature: float = typer.Option(1.0, "--temperature", min=1e-3, help="KD temperature"),
+    mta: bool = typer.Option(False, "--mta", help="add MTA: DSA + Hid along the key layers"),
+    no_dsa: bool = typer.Option(False, "--no-dsa", help="ablation: MTA without DSA"),
+    no_hid: bool = typer.Option(False, "--no-hid", help="ablation: MTA without Hid"),
+    lambda_dsa: float = typer.Option(2.0, "--lambda-dsa", min=0.0),
+    lambda_hid: float = typer.Option(0.2, "--lambda-hid", min=0.0),
+    student_pooling: str = typer.Option("student", "--student-pooling", help="weights pooling student spans: "
+                                                                             "student or teacher"),
+    student_layers: str = typer.Option(None, "--student-layers", help="key student layers, e.g. 4,6,8"),
+    teacher_layers: str = typer.Option(None, "--teacher-layers", help="their teacher layers, e.g. 15,22,30"),
+    word_layers: int = typer.Option(1, "--word-layers", min=0, help="how many of the lowest key layers are "
+                                                                     "word-level (the rest phrase-level)"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    projector_lr: float = typer.Option(1e-3, "--projector-lr"),
+    weight_decay: float = typer.Option(0.01, "--weight-decay"),
+    warmup_ratio: float = typer.Option(0.05, "--warmup-ratio", min=0.0, max=1.0),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm"),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1),
+    epochs: int = typer.Option(1, "--epochs", min=1),
+    max_steps: int = typer.Option(None, "--max-steps", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0, help="steps between checkpoints (0: none)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Train a student offline from a cache (or online with --teacher --data, the baseline).
+
+    Example:
+
+        mta train --cache cache.zarr --init-from-teacher --keep-layers 8 --loss srkl --mta --out runs/srkl-mta
+    """
+    from mta_cli.train.objective import ObjectiveConfig
+    from mta_cli.train.trainer import TrainConfig
+    from mta_cli.train.trainer import train as run_train
+
+    try:
+        objective = ObjectiveConfig(loss=loss, kd_alpha=kd_alpha, temperature=temperature, mta=mta,
+                                    use_dsa=not no_dsa, use_hid=not no_hid, lambda_dsa=lambda_dsa,
+                                    lambda_hid=lambda_hid, student_pooling=student_pooling)
+        config = TrainConfig(
+            out=str(out_path), cache=cache, teacher=teacher, data=data, student=student,
+            init_from_teacher=init_from_teacher, keep_layers=keep_layers, student_config=student_config,
+            objective=objective, student_layers=parse_ints(student_layers, "--student-layers"),
+            teacher_layers=parse_ints(teacher_layers, "--teacher-layers"), word_layers=word_layers, lr=lr,
+            projector_lr=projector_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+            max_grad_norm=max_grad_norm, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+            batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume, device=device,
+        )
+        with train_progress() as on_event:
+            summary = run_train(config, progress=on_event)
+    except USER_ERRORS as e:
+        raise fail(e) from e
+    print_figures(asdict(summary) | {"final": json.dumps(summary.final)}, as_json, "mta train") if not as_json \
+        else out.print_json(json.dumps(asdict(summary)))
+
+
+class train_progress:
+    """Rich progress on stderr: steps, loss, lr, tokens/s."""
+
+    def __enter__(self):
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=err, disable=not err.is_terminal)
+        self.progress.__enter__()
+        self.task = None
+        return self.on_event
+
+    def on_event(self, event: str, info: dict) -> None:
+        if event == "start":
+            self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["step"], info="")
+            err.print(f"key layers (student, teacher, granularity): {info['key_layers']}") if info["key_layers"] \
+                and err.is_terminal else None
+        elif event == "step":
+            parts = [f"loss {info['loss']:.4f}"] + [f"{k} {info[k]:.4f}" for k in ("ce", "kd", "dsa", "hid")
+                                                     if k in info]
+            parts += [f"lr {info['lr']:.2e}", f"{info['tokens_per_second']:,.0f} tok/s"]
+            self.progress.update(self.task, completed=info["step"], info=" ".join(parts))
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
 @cache_app.command("info")
 def cache_info(path: str = typer.Argument(..., help="cache directory or URL"),
                as_json: bool = typer.Option(False, "--json", help="print the figures as JSON")) -> None:
@@ -194,7 +299,7 @@ def cache_verify(path: str = typer.Argument(..., help="cache directory or URL"))
     faults = cache_inspect.verify(path)
     if faults:
         for fault in faults:
-            err.print(f"fault: {fault}", style="red", markup=False, highlight=False)
+            err.print(f"fault: {fault}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     out.print(f"ok: {path} verified")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 
-def output_head(model) -> dict:
+def output_head(model, detach: bool = True) -> dict:
     """The teacher's output head, so training can recompute exact logits from the last layer.
 
     logits = softcap(scale * (h @ weight.T + bias)), softcap(x) = c * tanh(x / c) when set.
@@ -23,9 +23,10 @@ def output_head(model) -> dict:
     if getattr(config, "logits_scaling", None):
         scale = 1.0 / float(config.logits_scaling)
     softcap = getattr(config, "final_logit_softcapping", None)
+    bias = getattr(head, "bias", None)
     return {
-        "weight": head.weight.detach(),
-        "bias": head.bias.detach() if getattr(head, "bias", None) is not None else None,
+        "weight": head.weight.detach() if detach else head.weight,
+        "bias": (bias.detach() if detach else bias) if bias is not None else None,
         "scale": scale,
         "softcap": float(softcap) if softcap else None,
     }

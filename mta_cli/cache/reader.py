@@ -56,17 +56,19 @@ class CachedSample:
 
 
 class ShardData:
-    """All arrays of one shard, decoded; `shard[j]` slices sample j without copying."""
+    """All arrays of one shard as stored; `shard[j]` slices sample j and decodes its states."""
 
     def __init__(self, arrays: dict[str, np.ndarray], first_index: int, layers: list[int], state_dtype: str):
         self.arrays = arrays
         self.first_index = first_index
         self.layers = layers
         self.state_dtype = state_dtype
-        self.states = {
-            layer: decode_states(arrays[f"states/{layer}"], state_dtype, arrays.get(f"states/{layer}.scale"))
-            for layer in layers
-        }
+
+    def states(self, layer: int, t0: int, t1: int) -> torch.Tensor:
+        """Decoded float32 states [t1 - t0, d] of one layer; decoding per sample keeps memory at storage size."""
+        scale = self.arrays.get(f"states/{layer}.scale")
+        return decode_states(self.arrays[f"states/{layer}"][t0:t1], self.state_dtype,
+                             None if scale is None else scale[t0:t1])
 
     def __len__(self) -> int:
         return len(self.arrays["prompt_chars"])
@@ -93,7 +95,7 @@ class ShardData:
             n_prompt_tokens=int(a["n_prompt_tokens"][j]),
             words=rows("words"), word_tokens=rows("word_tokens"), word_labels=rows("word_labels"),
             phrases=rows("phrases"), phrase_tokens=rows("phrase_tokens"), phrase_labels=rows("phrase_labels"),
-            states={layer: s[t0:t1] for layer, s in self.states.items()},
+            states={layer: self.states(layer, t0, t1) for layer in self.layers},
             topk_ids=rows("topk_ids") if has_topk else None,
             topk_logprobs=rows("topk_logprobs") if has_topk else None,
             topk_rest=rows("topk_rest") if has_topk else None,
@@ -153,8 +155,7 @@ class CacheReader:
         """Decode the `position`-th complete shard whole (sequential reads, the fast path)."""
         layers = self._check_layers(layers)
         group = self.root[shard_name(self.shard_indices[position])]
-        names = [n for n in group.array_keys() if not n.startswith("states")]
-        arrays = {n: group[n][...] for n in names}
+        arrays = {name: group[name][...] for name in group.array_keys()}
         for layer in layers:
             arrays[f"states/{layer}"] = group[f"states/{layer}"][...]
             if self.state_dtype == "int8":

@@ -1,0 +1,79 @@
+"""The training objective of one batch: base loss (SFT or KD from exact teacher logits) + MTA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mta_cli.losses import LOSSES, LogitHead, MTALoss, kd_loss
+from mta_cli.train.batches import Batch
+
+
+@dataclass
+class ObjectiveConfig:
+    """What to optimise. key_layers: (student layer, teacher layer, "word" | "phrase") triples."""
+
+    loss: str = "srkl"
+    kd_alpha: float = 0.5
+    temperature: float = 1.0
+    mta: bool = False
+    use_dsa: bool = True
+    use_hid: bool = True
+    lambda_dsa: float = 2.0
+    lambda_hid: float = 0.2
+    student_pooling: str = "student"
+    key_layers: list[tuple[int, int, str]] = field(default_factory=list)
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        return sorted({t for _, t, _ in self.key_layers}) if self.mta else []
+
+
+def student_head(model) -> LogitHead:
+    """The student's own output head, trainable (shares tensors with the model)."""
+    from mta_cli.teacher import output_head
+
+    return LogitHead(**output_head(model, detach=False))
+
+
+class Objective(nn.Module):
+    """Computes every loss component of a batch; owns the MTA projectors (trainable).
+
+    forward(student, batch) -> {"loss": total, "ce", "kd", "dsa", "hid"} (components present when used).
+    """
+
+    def __init__(self, config: ObjectiveConfig, teacher_head: LogitHead, teacher_last_layer: int,
+                 student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.config = config
+        self.teacher_head = teacher_head
+        self.teacher_last_layer = teacher_last_layer
+        self.mta = MTALoss(config.key_layers, student_dim, teacher_dim, config.lambda_dsa, config.lambda_hid,
+                           config.use_dsa, config.use_hid, config.student_pooling) if config.mta else None
+
+    def forward(self, student, batch: Batch) -> dict[str, torch.Tensor]:
+        c = self.config
+        out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                      use_cache=False, logits_to_keep=1)
+        targets = batch.labels != -100
+        needs_teacher = c.loss != "sft"
+        losses = kd_loss(
+            out.hidden_states[-1][targets], student_head(student),
+            batch.teacher_states[self.teacher_last_layer][targets] if needs_teacher else None,
+            self.teacher_head if needs_teacher else None,
+            batch.labels[targets], c.loss, c.kd_alpha, c.temperature, c.chunk_size,
+        )
+        if self.mta is not None:
+            student_states = {s: out.hidden_states[s] for s, _, _ in c.key_layers}
+            teacher_states = {t: batch.teacher_states[t] for _, t, _ in c.key_layers}
+            mta = self.mta(student_states, teacher_states, batch.attention_mask.bool(), batch.spans)
+            losses.update(dsa=mta["dsa"], hid=mta["hid"])
+            losses["loss"] = losses["loss"] + mta["mta"]
+        return losses
