@@ -69,7 +69,18 @@ def version_callback(value: bool) -> None:
 @app.callback()
 def main_options(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                               help="print the version and exit")) -> None:
-    pass
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """mta draws its own progress; transformers' bars and advisory warnings would clutter stderr."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
 @app.command()

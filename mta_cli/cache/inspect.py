@@ -108,8 +108,14 @@ def verify(url: str) -> list[str]:
 
 
 def _verify_shard(group: zarr.Group, config: dict, d: int, vocab: int, expected_dtype) -> list[str]:
-    a = {name: array[...] for name, array in group.arrays()}
-    faults = []
+    a, faults = {}, []
+    for name, array in group.arrays():
+        try:
+            a[name] = array[...]
+        except Exception as e:  # noqa: BLE001 - a truncated or altered chunk fails to decode: name the array
+            faults.append(f"{name}: unreadable ({type(e).__name__}: {e})")
+    if faults:
+        return faults
     n, n_tokens = int(group.attrs["n_samples"]), int(group.attrs["n_tokens"])
     for p in POINTERS:
         ptr = a[p]
@@ -141,12 +147,21 @@ def _verify_shard(group: zarr.Group, config: dict, d: int, vocab: int, expected_
         if key not in states:
             faults.append(f"states/{layer}: missing")
             continue
-        values = states[key][...]
+        try:
+            values = states[key][...]
+            scale = states[f"{key}.scale"][...] if config["state_dtype"] == "int8" else None
+        except Exception as e:  # noqa: BLE001 - as above
+            faults.append(f"states/{layer}: unreadable ({type(e).__name__}: {e})")
+            continue
         if values.shape != (n_tokens, d) or values.dtype != expected_dtype:
             faults.append(f"states/{layer}: {values.dtype}{list(values.shape)}, expected {expected_dtype}{[n_tokens, d]}")
             continue
         if not _finite(values, config["state_dtype"]):
             faults.append(f"states/{layer}: contains NaN or inf")
+        if scale is not None and scale.shape != (n_tokens,):
+            faults.append(f"states/{layer}.scale: shape {list(scale.shape)}, expected [{n_tokens}]")
+        elif scale is not None and not np.isfinite(scale).all():
+            faults.append(f"states/{layer}.scale: contains NaN or inf")
     return faults
 
 

@@ -234,7 +234,7 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
             metrics.flush()
             report("step", last)
             step_tokens = 0
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+            if step >= total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 save_checkpoint(out / "checkpoints" / f"step-{step:06d}", student, objective, optimizer, scheduler,
                                 {"step": step, "epoch": epoch, "batch": batch_index + 1})
             step_started = time.perf_counter()
