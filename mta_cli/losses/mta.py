@@ -152,28 +152,44 @@ class MTALoss(nn.Module):
         teacher_states: dict[int, Tensor],
         mask: Tensor,
         spans: list[dict[str, Tensor]],
+        teacher_mask: Tensor | None = None,
+        teacher_spans: list[dict[str, Tensor]] | None = None,
     ) -> dict[str, Tensor]:
-        """student_states {layer: [B, T, dS]}, teacher_states {layer: [B, T, dT]}, mask [B, T] bool,
+        """student_states {layer: [B, T, dS]}, teacher_states {layer: [B, T', dT]}, mask [B, T] bool,
         spans: per sample {"word": [Kw, 2], "phrase": [Kp, 2]} token ranges.
 
+        Same tokenizer: T' = T and the spans serve both models. A student with its own tokenizer
+        passes `teacher_mask` [B, T'] and `teacher_spans` (the same spans, in the same order, as
+        teacher token ranges): student spans are then pooled with the student's weights, a span
+        counts only where both models have a token of it, and Hid compares span representations.
         Returns scalars "dsa" and "hid" (unweighted, mean over key layers and samples) and
         "mta" = λ_dsa dsa + λ_hid hid.
         """
+        cross = teacher_spans is not None
+        teacher_mask = teacher_mask if cross else mask
+        teacher_spans = teacher_spans if cross else spans
         batch, n_tokens = mask.shape
         dsa = hid = torch.zeros((), device=mask.device)
         for i, (layer_s, layer_t, granularity) in enumerate(self.key_layers):
             h_s, h_t = student_states[layer_s], teacher_states[layer_t].detach()
-            w_t = importance_weights(h_t, mask)
-            pool_with_student = self.use_dsa and self.student_pooling == "student"
-            w_s = importance_weights(h_s, mask) if pool_with_student else w_t
+            w_t = importance_weights(h_t, teacher_mask)
+            own_weights = cross or (self.use_dsa and self.student_pooling == "student")
+            w_s = importance_weights(h_s, mask) if own_weights else w_t
             for b in range(batch):
-                ranges = spans[b][granularity].to(mask.device)
+                ranges_s = spans[b][granularity].to(mask.device)
+                ranges_t = teacher_spans[b][granularity].to(mask.device)
+                if cross or self.use_dsa:
+                    u_t, omega = pool_spans(h_t[b], w_t[b], ranges_t)
+                    u_s, omega_s = pool_spans(h_s[b], w_s[b], ranges_s)
+                    if cross:
+                        omega = omega * (omega_s > 0)
+                        omega = omega / omega.sum().clamp_min(torch.finfo(omega.dtype).tiny)
                 if self.use_dsa:
-                    u_t, omega = pool_spans(h_t[b], w_t[b], ranges)
-                    u_s, _ = pool_spans(h_s[b], w_s[b], ranges)
                     dsa = dsa + dsa_loss(u_s, u_t, omega)
-                if self.use_hid:
-                    covered = span_membership(ranges, n_tokens).any(dim=0)
+                if self.use_hid and cross:
+                    hid = hid + hid_loss_spans(u_s, u_t, self.projectors[i], omega)
+                elif self.use_hid:
+                    covered = span_membership(ranges_s, n_tokens).any(dim=0)
                     hid = hid + hid_loss(h_s[b], h_t[b], self.projectors[i], w_t[b], covered)
         count = max(len(self.key_layers) * batch, 1)
         dsa, hid = dsa / count, hid / count

@@ -20,54 +20,103 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mta_cli.cache.reader import CachedSample, CacheReader, ShardData
 from mta_cli.cache.layout import shard_name
+from mta_cli.cache.reader import CachedSample, CacheReader, ShardData
+from mta_cli.encode import Encoded, encode_record
+from mta_cli.records import Record
+from mta_cli.segment import spans_to_token_ranges
 
 BUCKET_BATCHES = 32  # batches per length-sorted run
 
 
 @dataclass
 class Batch:
-    """A right-padded batch of B samples, T tokens (teacher and student share the token grid)."""
+    """A right-padded batch of B samples on the student's token grid (T tokens).
+
+    With the teacher's tokenizer the teacher shares that grid. With another tokenizer the teacher's
+    states sit on their own grid (T' tokens): `teacher_mask` and `teacher_spans` describe it, and
+    `spans` are the same char spans mapped onto the student's tokens.
+    """
 
     input_ids: torch.Tensor        # int64 [B, T]
     attention_mask: torch.Tensor   # int64 [B, T]
     labels: torch.Tensor           # int64 [B, T]: next-token target at t (= input_ids[t+1]) or -100
-    teacher_states: dict[int, torch.Tensor]   # layer -> float32 [B, T, dT]
+    teacher_states: dict[int, torch.Tensor]   # layer -> float32 [B, T', dT]
     spans: list[dict[str, torch.Tensor]]      # per sample {"word": [Kw, 2], "phrase": [Kp, 2]} token ranges
     sample_indices: list[int]
+    teacher_mask: torch.Tensor | None = None              # int64 [B, T'], other tokenizer only
+    teacher_spans: list[dict[str, torch.Tensor]] | None = None
 
     @property
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device) -> "Batch":
+        def spans_to(spans):
+            return None if spans is None else [{k: v.to(device) for k, v in s.items()} for s in spans]
+
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                      {k: v.to(device, non_blocking=True) for k, v in self.teacher_states.items()},
-                     [{k: v.to(device) for k, v in s.items()} for s in self.spans], self.sample_indices)
+                     spans_to(self.spans), self.sample_indices,
+                     None if self.teacher_mask is None else self.teacher_mask.to(device), spans_to(self.teacher_spans))
 
 
-def collate(samples: list[CachedSample], pad_id: int) -> Batch:
-    """Pad samples to the longest; labels mark response tokens (those at or after n_prompt_tokens)."""
-    width = max(s.n_tokens for s in samples)
-    batch = len(samples)
-    ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    labels = torch.full((batch, width), -100, dtype=torch.long)
-    layers = list(samples[0].states)
-    dims = {layer: samples[0].states[layer].shape[-1] for layer in layers}
-    states = {layer: torch.zeros((batch, width, dims[layer])) for layer in layers}
-    for row, s in enumerate(samples):
-        n = s.n_tokens
-        ids[row, :n] = torch.from_numpy(s.input_ids.astype(np.int64))
-        mask[row, :n] = 1
-        start = max(s.n_prompt_tokens - 1, 0)  # position t predicts token t + 1
+def _pad(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows -> right-padded ids [B, T] and attention mask [B, T]."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.from_numpy(r.astype(np.int64))
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def _labels(ids: torch.Tensor, lengths: list[int], n_prompt: list[int]) -> torch.Tensor:
+    """-100 except where position t predicts a response token (t + 1 >= n_prompt)."""
+    labels = torch.full_like(ids, -100)
+    for row, (n, p) in enumerate(zip(lengths, n_prompt)):
+        start = max(p - 1, 0)
         labels[row, start:n - 1] = ids[row, start + 1:n]
-        for layer in layers:
-            states[layer][row, :n] = s.states[layer]
-    spans = [{"word": torch.from_numpy(s.word_tokens.astype(np.int64)),
-              "phrase": torch.from_numpy(s.phrase_tokens.astype(np.int64))} for s in samples]
-    return Batch(ids, mask, labels, states, spans, [s.index for s in samples])
+    return labels
+
+
+def _span_tensors(word_ranges: np.ndarray, phrase_ranges: np.ndarray) -> dict[str, torch.Tensor]:
+    return {"word": torch.from_numpy(word_ranges.astype(np.int64)),
+            "phrase": torch.from_numpy(phrase_ranges.astype(np.int64))}
+
+
+def collate(samples: list[CachedSample], pad_id: int, student_tokenizer=None, max_length: int = 4096) -> Batch:
+    """Pad samples into a Batch; with `student_tokenizer` the texts are re-tokenized for the student
+    and the char spans mapped onto its tokens (the teacher keeps its own grid)."""
+    teacher_ids, teacher_mask = _pad([s.input_ids for s in samples], pad_id)
+    states = {layer: torch.zeros((len(samples), teacher_ids.shape[1], samples[0].states[layer].shape[-1]))
+              for layer in samples[0].states}
+    for row, s in enumerate(samples):
+        for layer in states:
+            states[layer][row, :s.n_tokens] = s.states[layer]
+    teacher_spans = [_span_tensors(s.word_tokens, s.phrase_tokens) for s in samples]
+    indices = [s.index for s in samples]
+    if student_tokenizer is None:
+        labels = _labels(teacher_ids, [s.n_tokens for s in samples], [s.n_prompt_tokens for s in samples])
+        return Batch(teacher_ids, teacher_mask, labels, states, teacher_spans, indices)
+    encoded = [retokenize(s, student_tokenizer, max_length) for s in samples]
+    ids, mask = _pad([e.input_ids for e in encoded], student_tokenizer.pad_token_id or 0)
+    labels = _labels(ids, [len(e.input_ids) for e in encoded], [e.n_prompt_tokens for e in encoded])
+    spans = [_span_tensors(spans_to_token_ranges(e.text, e.offsets, s.words),
+                           spans_to_token_ranges(e.text, e.offsets, s.phrases)) for s, e in zip(samples, encoded)]
+    return Batch(ids, mask, labels, states, spans, indices, teacher_mask, teacher_spans)
+
+
+def retokenize(sample: CachedSample, tokenizer, max_length: int) -> Encoded:
+    """The cached text tokenized for a student with its own tokenizer (same prompt/response split)."""
+    record = Record(prompt=sample.text[:sample.prompt_chars], responses=(sample.text[sample.prompt_chars:],),
+                    line=sample.source_line)
+    encoded = encode_record(tokenizer, record, max_length=max_length, max_prompt_length=max_length - 1)
+    if encoded is None or encoded.text != sample.text:
+        raise ValueError(f"sample {sample.index}: the student's tokenizer cannot represent the cached text "
+                         f"within {max_length} tokens")
+    return encoded
 
 
 def bucketed_batches(indices: np.ndarray, lengths: np.ndarray, batch_size: int,
@@ -87,8 +136,9 @@ class CacheBatches:
     """Deterministic, resumable, prefetching batches from a cache (see module docstring)."""
 
     def __init__(self, reader: CacheReader, batch_size: int, layers: list[int], seed: int, pad_id: int,
-                 window: int = 2, prefetch: bool = True):
+                 window: int = 2, prefetch: bool = True, student_tokenizer=None):
         self.reader, self.batch_size, self.layers = reader, batch_size, layers
+        self.student_tokenizer = student_tokenizer
         self.seed, self.pad_id, self.window, self.prefetch = seed, pad_id, max(1, window), prefetch
         reader._check_layers(layers)
         self.lengths = [np.diff(reader.root[shard_name(i)]["token_ptr"][...]) for i in reader.shard_indices]
@@ -125,7 +175,7 @@ class CacheBatches:
         for shards, batches in windows:
             for batch in batches:
                 samples = [self._sample(shards, i) for i in batch]
-                yield collate(samples, self.pad_id)
+                yield collate(samples, self.pad_id, self.student_tokenizer)
 
     def _sample(self, shards: dict[int, ShardData], index: int) -> CachedSample:
         for shard in shards.values():

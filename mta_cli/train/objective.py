@@ -64,6 +64,9 @@ class Objective(nn.Module):
                       use_cache=False, logits_to_keep=1)
         targets = batch.labels != -100
         needs_teacher = c.loss != "sft"
+        if needs_teacher and batch.teacher_mask is not None:
+            raise ValueError(f"--loss {c.loss} compares token distributions position by position and needs the "
+                             "teacher's tokenizer; with another tokenizer use --loss sft (MTA still applies)")
         losses = kd_loss(
             out.hidden_states[-1][targets], student_head(student),
             batch.teacher_states[self.teacher_last_layer][targets] if needs_teacher else None,
@@ -73,7 +76,9 @@ class Objective(nn.Module):
         if self.mta is not None:
             student_states = {s: out.hidden_states[s] for s, _, _ in c.key_layers}
             teacher_states = {t: batch.teacher_states[t] for _, t, _ in c.key_layers}
-            mta = self.mta(student_states, teacher_states, batch.attention_mask.bool(), batch.spans)
+            teacher_mask = None if batch.teacher_mask is None else batch.teacher_mask.bool()
+            mta = self.mta(student_states, teacher_states, batch.attention_mask.bool(), batch.spans,
+                           teacher_mask, batch.teacher_spans)
             losses.update(dsa=mta["dsa"], hid=mta["hid"])
             losses["loss"] = losses["loss"] + mta["mta"]
         return losses

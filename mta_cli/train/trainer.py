@@ -108,7 +108,7 @@ class Source:
     """Where batches and the teacher's facts come from: a cache (offline) or a live teacher (online)."""
 
     def __init__(self, config: TrainConfig, device: torch.device):
-        self.config = config
+        self.config, self.device = config, device
         if config.cache:
             self.reader = CacheReader(config.cache)
             meta = self.reader.meta
@@ -132,11 +132,13 @@ class Source:
             self.head = LogitHead(**output_head(self.teacher_model))
             self.tokenizer_sha = None
 
-    def batches(self, tokenizer, layers: list[int], device: torch.device):
+    def batches(self, tokenizer, layers: list[int], own_tokenizer: bool):
         c = self.config
         if c.cache:
-            return CacheBatches(self.reader, c.batch_size, layers, c.seed, tokenizer.pad_token_id or 0)
-        return OnlineBatches(self.teacher_model, tokenizer, c.data, c.batch_size, layers, c.seed, device,
+            teacher_pad = self.reader.meta["tokenizer"]["pad_token_id"] or 0
+            return CacheBatches(self.reader, c.batch_size, layers, c.seed, teacher_pad,
+                                student_tokenizer=tokenizer if own_tokenizer else None)
+        return OnlineBatches(self.teacher_model, tokenizer, c.data, c.batch_size, layers, c.seed, self.device,
                              c.max_length, c.max_prompt_length)
 
 
@@ -162,10 +164,11 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
     source = Source(config, device)
     student_spec = config.student
     tokenizer = load_tokenizer(student_spec or source.teacher_spec, config.trust_remote_code)
-    if source.tokenizer_sha and tokenizer_fingerprint(tokenizer) != source.tokenizer_sha:
-        raise CacheError("the student's tokenizer differs from the teacher's in the cache; token-level losses "
-                         "need identical token positions. Use a student with the teacher's tokenizer "
-                         "(e.g. --init-from-teacher --keep-layers K).")
+    own_tokenizer = bool(source.tokenizer_sha) and tokenizer_fingerprint(tokenizer) != source.tokenizer_sha
+    if own_tokenizer and config.objective.loss != "sft":
+        raise ValueError(f"the student's tokenizer differs from the teacher's: --loss {config.objective.loss} "
+                         "compares distributions token by token and needs identical token positions. Use --loss "
+                         "sft (with --mta: DSA and Hid on spans), or a student with the teacher's tokenizer.")
     student = build_student(student_spec, source.teacher_spec if config.init_from_teacher else None,
                             config.keep_layers, config.student_config, config.seed, config.trust_remote_code)
     student.to(device).train()
@@ -180,7 +183,7 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
         source.reader._check_layers(layers)
     objective = Objective(objective_config, source.head, source.n_teacher, hidden_size(student),
                           source.teacher_dim).to(device)
-    batches = source.batches(tokenizer, layers, device)
+    batches = source.batches(tokenizer, layers, own_tokenizer)
 
     per_epoch = batches.batches_per_epoch()
     total_steps = config.max_steps or math.ceil(per_epoch * config.epochs / config.grad_accum)
