@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mta_cli.evaluation import DEFAULT_SEEDS, EvalError, evaluate, render_table
+from mta_cli.cache.store import CacheError
+from mta_cli.evaluation import DEFAULT_SEEDS, EvalError, evaluate, render_table, render_trajectory
 from mta_cli.models import ModelLoadError
 
 
@@ -36,6 +37,9 @@ def eval_command(
     json_out: Path | None = typer.Option(None, "--json", help="write every figure as JSON to this file"),
     generations: Path | None = typer.Option(None, "--generations", help="write every generation as JSONL to this "
                                             "file (with --json, by default <stem>.generations.jsonl next to it)"),
+    cache: str | None = typer.Option(None, "--cache", help="extraction cache of the teacher: adds DSA and linear "
+                                     "CKA per key-layer pair between each model and the cached teacher states"),
+    cache_samples: int = typer.Option(64, "--cache-samples", min=1, help="cached samples used by --cache"),
 ) -> None:
     """Evaluate models on instruction data: ROUGE-L over sampling seeds, and NLL / perplexity.
 
@@ -54,8 +58,10 @@ def eval_command(
                       console=err, transient=True, disable=not err.is_terminal) as progress:
             report = evaluate(model, data, seeds=seed_list, greedy=greedy, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, max_records=max_records, device=device, dtype=dtype,
-                              progress=progress)
+                              progress=progress, cache=cache, cache_samples=cache_samples)
         Console().print(render_table(report))
+        if cache:
+            Console().print(render_trajectory(report))
         if json_out:
             json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
             err.print(f"figures written to {json_out}", markup=False, highlight=False)
@@ -65,6 +71,6 @@ def eval_command(
             report.write_generations(generations)
             err.print(f"{len(report.generations)} generations written to {generations}", markup=False,
                       highlight=False)
-    except (EvalError, ModelLoadError, ValueError, OSError) as e:
+    except (EvalError, ModelLoadError, CacheError, ValueError, OSError) as e:
         err.print(f"error: {e}", style="red", markup=False, highlight=False)
         raise typer.Exit(1) from e

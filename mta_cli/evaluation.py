@@ -27,6 +27,7 @@ from mta_cli import __version__
 from mta_cli.encode import encode_record
 from mta_cli.models import ModelSource, load_causal_lm, load_tokenizer, resolve_device
 from mta_cli.records import load_records
+from mta_cli.trajectory import trajectory_diagnostics
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 GREEDY = "greedy"  # the key of the single pass of greedy decoding where seeds would be
@@ -208,6 +209,7 @@ class ModelResult:
     model: str
     load_s: float
     files: list[FileResult]
+    trajectory: list[dict] | None = None   # per key-layer pair: dsa, cka (with --cache)
 
     def average(self) -> dict:
         """Figures averaged over files: ROUGE-L per seed averaged over files, then mean and population std
@@ -233,7 +235,7 @@ class EvalReport:
             "mta_version": __version__,
             "settings": self.settings,
             "models": [{"model": m.model, "load_s": m.load_s, "files": [asdict(f) for f in m.files],
-                        "average": m.average()} for m in self.models],
+                        "average": m.average(), "trajectory": m.trajectory} for m in self.models],
         }
 
     def write_generations(self, path: str | Path) -> None:
@@ -274,6 +276,18 @@ def render_table(report: EvalReport) -> Table:
 # ---------------------------------------------------------------------------------------------- evaluate
 
 
+def render_trajectory(report: EvalReport) -> Table:
+    """One row per model and key-layer pair: DSA distance (lower is better) and linear CKA (higher)."""
+    table = Table(title="Trajectory alignment with the cached teacher (DSA ↓, linear CKA ↑)")
+    for name in ("model", "student layer", "teacher layer", "granularity", "DSA", "CKA"):
+        table.add_column(name, justify="left" if name in ("model", "granularity") else "right")
+    for m in report.models:
+        for row in m.trajectory or []:
+            table.add_row(m.model, str(row["student_layer"]), str(row["teacher_layer"]), row["granularity"],
+                          f"{row['dsa']:.4f}", f"{row['cka']:.3f}")
+    return table
+
+
 def _check_inputs(models: list[str], data_files: list[str], seeds: Sequence[int], greedy: bool) -> None:
     if not models:
         raise EvalError("no model given: pass at least one --model")
@@ -291,13 +305,16 @@ def _check_inputs(models: list[str], data_files: list[str], seeds: Sequence[int]
 def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DEFAULT_SEEDS, greedy: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 8,
              max_records: int | None = None, max_length: int = 512, max_prompt_length: int = 256,
-             device: str = "auto", dtype: str = "fp32", progress=None) -> EvalReport:
+             device: str = "auto", dtype: str = "fp32", progress=None, cache: str | None = None,
+             cache_samples: int = 64) -> EvalReport:
     """Evaluate every model on every data file (method.md §8) and return all figures and generations.
 
     Each model is loaded once and freed before the next. Per file: one generation pass per seed (a single
     greedy pass when `greedy`, seeds ignored), ROUGE-L per record (max over references), its mean over
     records per seed, then mean and population std (ddof=0) over seeds; and the NLL / ppl of the first
     reference (`reference_nll`). `progress` is an optional `rich.progress.Progress` to report to.
+    With `cache`, each model also gets trajectory diagnostics (DSA, CKA per key-layer pair) against the
+    teacher states of the cache's first `cache_samples` samples.
     """
     _check_inputs(models, data_files, seeds, greedy)
     runs: list[int | None] = [None] if greedy else list(seeds)
@@ -345,6 +362,9 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
                 file=path, sha256=dataset.sha256, n_records=len(records),
                 rougeL_mean=statistics.fmean(per_seed.values()), rougeL_std=statistics.pstdev(per_seed.values()),
                 rougeL_per_seed=per_seed, nll=nll, ppl=ppl, wall_s=time.perf_counter() - t0))
+        if cache:
+            result.trajectory = trajectory_diagnostics(model, tokenizer, cache, cache_samples, batch_size,
+                                                       resolve_device(device))
         report.models.append(result)
         del model
         gc.collect()
