@@ -74,8 +74,10 @@ def main_options(version: bool = typer.Option(False, "--version", callback=versi
 
 def quiet_libraries() -> None:
     """mta draws its own progress; transformers' bars and advisory warnings would clutter stderr."""
+    import os
     import warnings
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantisation draws a bare tqdm bar
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

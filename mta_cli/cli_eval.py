@@ -72,5 +72,5 @@ def eval_command(
             err.print(f"{len(report.generations)} generations written to {generations}", markup=False,
                       highlight=False)
     except (EvalError, ModelLoadError, CacheError, ValueError, OSError) as e:
-        err.print(f"error: {e}", style="red", markup=False, highlight=False)
+        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from e

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from mta_cli.cache.layout import FORMAT_VERSION, INNER_CHUNK_ROWS, compressor, shard_name
+from mta_cli.cache.layout import FORMAT_VERSION, INNER_CHUNK_ROWS, compressors, shard_name
 
 
 class CacheError(RuntimeError):
@@ -89,7 +89,7 @@ class CacheWriter:
                 kwargs["shards"] = (-(-rows // inner) * inner, *data.shape[1:])
             array = group.create_array(
                 name, shape=data.shape, chunks=(inner, *data.shape[1:]), dtype=data.dtype,
-                compressors=[compressor(data.dtype.itemsize)], overwrite=True, **kwargs,
+                compressors=compressors(data.dtype.itemsize), overwrite=True, **kwargs,
             )
             if data.size:
                 array[...] = data

@@ -205,7 +205,12 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
     report("start", {"total_steps": total_steps, "step": position["step"], "batches_per_epoch": per_epoch,
                      "key_layers": objective_config.key_layers})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    metrics = (out / "metrics.jsonl").open("a")
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():  # a resumed run redoes the steps after its checkpoint: drop their old lines
+        lines = metrics_path.read_text().splitlines(keepends=True)
+        metrics_path.write_text("".join(line for line in lines
+                                        if line.endswith("\n") and json.loads(line)["step"] <= position["step"]))
+    metrics = metrics_path.open("a")
     step, last, step_tokens, micro = position["step"], {}, 0, 0
     step_started = time.perf_counter()
     train_seconds, train_tokens = 0.0, 0
