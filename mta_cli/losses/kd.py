@@ -2,10 +2,10 @@
 
 The cache stores the teacher's last hidden state and its output head, so exact teacher logits are
 recomputed here with one matmul. For a 150k vocabulary [N, V] logits do not fit for long batches,
-so `kd_loss` walks the positions in chunks: each chunk's student and teacher logits exist only
-inside a `torch.utils.checkpoint` region, are reduced to two scalar sums at once, and are recomputed
-during backward instead of being kept. Peak memory is O(chunk_size * V), at the price of a second
-head matmul (student and teacher) per chunk in backward.
+so `kd_loss` walks the positions in chunks and fuses head and loss (`_FusedChunks`): each chunk's
+student and teacher logits are built, reduced to two sums, and differentiated at once, then freed.
+Peak memory is O(chunk_size * V) plus the gradients of the hidden states and the head; nothing is
+recomputed in backward.
 
 Conventions shared by every loss here:
 - positions are flat: the caller passes only response positions, already shifted (`labels[i]` is
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from mta_cli.losses.divergences import DIVERGENCES, topk_forward_kl
 
@@ -80,25 +79,82 @@ def _sums(
     return torch.stack([ce, kd])
 
 
-def _reduce(sums: Tensor, n: int, loss: str, alpha: float) -> dict[str, Tensor]:
-    """Means over the n positions and the combined loss, from [CE sum, divergence sum]."""
+def _reduce(sums: Tensor, n: int, loss: str, alpha: float, combined: Tensor | None = None) -> dict[str, Tensor]:
+    """Means over the n positions and the combined loss, from [CE sum, divergence sum].
+
+    `combined` is the already computed (differentiable) loss of `_fused_chunks`; the components are
+    then reported without a graph."""
     ce, kd = sums / n
+    total = combined if combined is not None else (ce if loss == "sft" else (1 - alpha) * ce + alpha * kd)
     if loss == "sft":
-        return {"loss": ce, "ce": ce}
-    return {"loss": (1 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
+        return {"loss": total, "ce": total}
+    return {"loss": total, "ce": ce, "kd": kd}
 
 
-def _chunked(fn: Callable[..., Tensor], n: int, chunk_size: int, *tensors: Tensor) -> Tensor:
-    """Σ over chunks of positions of fn(*chunk slices), each chunk checkpointed (recomputed in backward)."""
+def _coefficients(loss: str, alpha: float, n: int, dtype: torch.dtype) -> Tensor:
+    """Weights turning [CE sum, divergence sum] into the combined mean loss."""
     if n == 0:
         raise ValueError("no positions to compute a loss on (N = 0)")
+    return torch.tensor([1.0 / n, 0.0] if loss == "sft" else [(1 - alpha) / n, alpha / n], dtype=dtype)
+
+
+class _FusedChunks(torch.autograd.Function):
+    """Chunked loss whose gradient is computed during forward, chunk by chunk (fused head + loss).
+
+    For each chunk of positions the head's logits are built, reduced to [CE sum, D sum], and the
+    gradient of coef · sums w.r.t. the chunk's hidden states and the head's tensors is taken at
+    once; then the chunk's [chunk, V] tensors are freed. Backward only scales the stored gradients.
+    Per chunk this costs 3 student-head matmuls (forward, two gradients), where checkpointing
+    costs 4, and the teacher's logits are computed once instead of twice.
+    Returns (combined loss, sums [2] without a graph).
+    """
+
+    @staticmethod
+    def forward(ctx, fn, head, coef, chunk_size, hidden, weight, bias, *tensors):
+        n = hidden.shape[0]
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        grad_bias = torch.zeros_like(bias) if bias is not None else None
+        sums = 0
+        for start in range(0, n, chunk_size):
+            chunk = [t[start:start + chunk_size] if t is not None else None for t in tensors]
+            with torch.enable_grad():
+                h = hidden[start:start + chunk_size].detach().requires_grad_()
+                w = weight.detach().requires_grad_()
+                b = bias.detach().requires_grad_() if bias is not None else None
+                chunk_sums = fn(LogitHead(w, b, head.scale, head.softcap), h, *chunk)
+                objective = (chunk_sums * coef.to(chunk_sums.dtype)).sum()
+            grads = torch.autograd.grad(objective, [h, w] + ([b] if b is not None else []))
+            grad_hidden[start:start + chunk_size] = grads[0]
+            grad_weight += grads[1]
+            if b is not None:
+                grad_bias += grads[2]
+            sums = sums + chunk_sums.detach()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(sums)
+        return (sums * coef.to(sums.dtype)).sum(), sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_sums):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scaled_bias = grad_bias * grad_loss if grad_bias is not None else None
+        return (None, None, None, None, grad_hidden * grad_loss, grad_weight * grad_loss, scaled_bias,
+                *([None] * (len(ctx.needs_input_grad) - 7)))
+
+
+def _chunked(fn: Callable[..., Tensor], head: LogitHead, coef: Tensor, n: int, chunk_size: int, hidden: Tensor,
+             *tensors: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    """(combined loss or None, [CE sum, D sum]) of fn(head, hidden chunk, *chunks) over chunks of positions.
+
+    With gradients needed, `_FusedChunks` computes them on the fly; otherwise a plain loop."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    total = 0
-    for start in range(0, n, chunk_size):
-        chunk = [t[start : start + chunk_size] if t is not None else None for t in tensors]
-        total = total + checkpoint(fn, *chunk, use_reentrant=False)
-    return total
+    params = [head.weight] + ([head.bias] if head.bias is not None else [])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in [hidden, *params]):
+        return _FusedChunks.apply(fn, head, coef, chunk_size, hidden, head.weight, head.bias, *tensors)
+    sums = sum(fn(head, hidden[s:s + chunk_size], *[t[s:s + chunk_size] if t is not None else None for t in tensors])
+               for s in range(0, n, chunk_size))
+    return None, sums
 
 
 def kd_loss_from_logits(
@@ -136,16 +192,17 @@ def kd_loss(
     """
     _check(loss, alpha, temperature)
 
-    def chunk_sums(s_hidden: Tensor, t_hidden: Tensor | None, chunk_labels: Tensor) -> Tensor:
+    def chunk_sums(head: LogitHead, s_hidden: Tensor, t_hidden: Tensor | None, chunk_labels: Tensor) -> Tensor:
         if loss == "sft":
-            return _sums(student_head(s_hidden), chunk_labels, None, temperature)
+            return _sums(head(s_hidden), chunk_labels, None, temperature)
         with torch.no_grad():
             t_logits = teacher_head(t_hidden) / temperature
-        return _sums(student_head(s_hidden), chunk_labels, DIVERGENCES[loss], temperature, (t_logits,))
+        return _sums(head(s_hidden), chunk_labels, DIVERGENCES[loss], temperature, (t_logits,))
 
     n = labels.numel()
-    sums = _chunked(chunk_sums, n, chunk_size, student_hidden, teacher_hidden, labels)
-    return _reduce(sums, n, loss, alpha)
+    coef = _coefficients(loss, alpha, n, torch.promote_types(student_hidden.dtype, torch.float32))
+    combined, sums = _chunked(chunk_sums, student_head, coef, n, chunk_size, student_hidden, teacher_hidden, labels)
+    return _reduce(sums, n, loss, alpha, combined)
 
 
 def topk_kd_loss(
@@ -173,9 +230,12 @@ def topk_kd_loss(
 
     divergence = topk_forward_kl if loss == "fkl" else None
 
-    def chunk_sums(s_hidden: Tensor, ids: Tensor, logprobs: Tensor, rest: Tensor, chunk_labels: Tensor) -> Tensor:
-        return _sums(student_head(s_hidden), chunk_labels, divergence, temperature, (ids, logprobs, rest))
+    def chunk_sums(head: LogitHead, s_hidden: Tensor, ids: Tensor, logprobs: Tensor, rest: Tensor,
+                   chunk_labels: Tensor) -> Tensor:
+        return _sums(head(s_hidden), chunk_labels, divergence, temperature, (ids, logprobs, rest))
 
     n = labels.numel()
-    sums = _chunked(chunk_sums, n, chunk_size, student_hidden, topk_ids, topk_logprobs, rest_mass, labels)
-    return _reduce(sums, n, loss, alpha)
+    coef = _coefficients(loss, alpha, n, torch.promote_types(student_hidden.dtype, torch.float32))
+    combined, sums = _chunked(chunk_sums, student_head, coef, n, chunk_size, student_hidden, topk_ids,
+                              topk_logprobs, rest_mass, labels)
+    return _reduce(sums, n, loss, alpha, combined)
