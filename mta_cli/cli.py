@@ -230,6 +230,8 @@ def train(
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0, help="steps between checkpoints (0: none)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     device: str = typer.Option("auto", "--device"),
+    max_length: int = typer.Option(512, "--max-length", min=2, help="online baseline: tokens per sample"),
+    max_prompt_length: int = typer.Option(256, "--max-prompt-length", min=1, help="online baseline: prompt tokens"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Train a student offline from a cache (or online with --teacher --data, the baseline).
@@ -254,6 +256,7 @@ def train(
             projector_lr=projector_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             max_grad_norm=max_grad_norm, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume, device=device,
+            max_length=max_length, max_prompt_length=max_prompt_length,
         )
         with train_progress() as on_event:
             summary = run_train(config, progress=on_event)

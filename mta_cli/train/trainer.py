@@ -151,25 +151,32 @@ def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = None) -> TrainSummary:
-    """Train a student; returns a summary. `progress(event, info)` gets ("start", {...}) and ("step", {...})."""
-    report = progress or (lambda event, info: None)
-    started = time.perf_counter()
-    device = resolve_device(config.device)
-    out = Path(config.out)
-    if out.exists() and any(out.iterdir()) and not config.resume:
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    torch.manual_seed(config.seed)
+@dataclass
+class Run:
+    """Everything a training loop needs, built (and restored from a checkpoint) by `prepare`."""
 
+    student: torch.nn.Module
+    tokenizer: object
+    objective: Objective
+    batches: CacheBatches | OnlineBatches
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    position: dict            # {"step", "epoch", "batch"}: where the loop starts
+    resumed_from: str | None
+
+
+def prepare(config: TrainConfig, device: torch.device) -> Run:
+    """Build student, objective, batches, optimizer and schedule; restore the last checkpoint on --resume."""
+    torch.manual_seed(config.seed)
     source = Source(config, device)
-    student_spec = config.student
-    tokenizer = load_tokenizer(student_spec or source.teacher_spec, config.trust_remote_code)
+    tokenizer = load_tokenizer(config.student or source.teacher_spec, config.trust_remote_code)
     own_tokenizer = bool(source.tokenizer_sha) and tokenizer_fingerprint(tokenizer) != source.tokenizer_sha
     if own_tokenizer and config.objective.loss != "sft":
         raise ValueError(f"the student's tokenizer differs from the teacher's: --loss {config.objective.loss} "
                          "compares distributions token by token and needs identical token positions. Use --loss "
                          "sft (with --mta: DSA and Hid on spans), or a student with the teacher's tokenizer.")
-    student = build_student(student_spec, source.teacher_spec if config.init_from_teacher else None,
+    student = build_student(config.student, source.teacher_spec if config.init_from_teacher else None,
                             config.keep_layers, config.student_config, config.seed, config.trust_remote_code)
     student.to(device).train()
     if device.type == "cuda":
@@ -185,75 +192,88 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
                           source.teacher_dim).to(device)
     batches = source.batches(tokenizer, layers, own_tokenizer)
 
-    per_epoch = batches.batches_per_epoch()
-    total_steps = config.max_steps or math.ceil(per_epoch * config.epochs / config.grad_accum)
+    # whole accumulations only: a trailing partial one is never stepped (the loop ends with the epochs)
+    total_steps = config.max_steps or max(1, batches.batches_per_epoch() * config.epochs // config.grad_accum)
     optimizer = torch.optim.AdamW([
         {"params": [p for p in student.parameters() if p.requires_grad], "lr": config.lr},
         {"params": list(objective.parameters()), "lr": config.projector_lr},
     ], weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(int(config.warmup_ratio * total_steps), total_steps))
-
-    position = {"step": 0, "epoch": 0, "batch": 0}
-    resumed_from = None
-    if config.resume and (checkpoint := latest_checkpoint(out)):
+    position, resumed_from = {"step": 0, "epoch": 0, "batch": 0}, None
+    if config.resume and (checkpoint := latest_checkpoint(Path(config.out))):
         position = load_checkpoint(checkpoint, student, objective, optimizer, scheduler)
         resumed_from = str(checkpoint)
+    return Run(student, tokenizer, objective, batches, optimizer, scheduler, total_steps, position, resumed_from)
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """A resumed run redoes the steps after its checkpoint: drop their old lines (and a torn last line)."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step))
+
+
+def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = None) -> TrainSummary:
+    """Train a student; returns a summary. `progress(event, info)` gets ("start", {...}) and ("step", {...})."""
+    report = progress or (lambda event, info: None)
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()) and not config.resume:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    run = prepare(config, device)
+    student, objective, optimizer, scheduler = run.student, run.objective, run.optimizer, run.scheduler
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, config)
-
-    report("start", {"total_steps": total_steps, "step": position["step"], "batches_per_epoch": per_epoch,
-                     "key_layers": objective_config.key_layers})
+    report("start", {"total_steps": run.total_steps, "step": run.position["step"],
+                     "batches_per_epoch": run.batches.batches_per_epoch(),
+                     "key_layers": objective.config.key_layers})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():  # a resumed run redoes the steps after its checkpoint: drop their old lines
-        lines = metrics_path.read_text().splitlines(keepends=True)
-        metrics_path.write_text("".join(line for line in lines
-                                        if line.endswith("\n") and json.loads(line)["step"] <= position["step"]))
-    metrics = metrics_path.open("a")
-    step, last, step_tokens, micro = position["step"], {}, 0, 0
-    step_started = time.perf_counter()
+    keep_metrics_until(out / "metrics.jsonl", run.position["step"])
+    step, last, step_tokens, micro, step_losses = run.position["step"], {}, 0, 0, {}
     train_seconds, train_tokens = 0.0, 0
-    done = step >= total_steps
-    for epoch in range(position["epoch"], config.epochs if not config.max_steps else 10**9):
-        if done:
-            break
-        skip = position["batch"] if epoch == position["epoch"] else 0
-        for batch_index, batch in enumerate(batches.iterate(epoch, skip), start=skip):
-            with autocast:
-                losses = objective(student, batch.to(device))
-            (losses["loss"] / config.grad_accum).backward()
-            step_tokens += batch.n_tokens
-            micro += 1
-            if micro % config.grad_accum:
-                continue
-            torch.nn.utils.clip_grad_norm_(list(student.parameters()) + list(objective.parameters()),
-                                           config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seconds = time.perf_counter() - step_started
-            train_seconds, train_tokens = train_seconds + seconds, train_tokens + step_tokens
-            last = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                    **{k: v.item() for k, v in losses.items()}, "tokens": step_tokens,
-                    "step_seconds": seconds, "tokens_per_second": step_tokens / seconds}
-            metrics.write(json.dumps(last) + "\n")
-            metrics.flush()
-            report("step", last)
-            step_tokens = 0
-            if step >= total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                save_checkpoint(out / "checkpoints" / f"step-{step:06d}", student, objective, optimizer, scheduler,
-                                {"step": step, "epoch": epoch, "batch": batch_index + 1})
-            step_started = time.perf_counter()
-            if step >= total_steps:
-                done = True
+    epochs = range(run.position["epoch"], 10**9 if config.max_steps else config.epochs)
+    with (out / "metrics.jsonl").open("a") as metrics:
+        step_started = time.perf_counter()
+        for epoch in epochs:
+            if step >= run.total_steps:
                 break
-    metrics.close()
-    save_student(out, student, tokenizer, config)
+            skip = run.position["batch"] if epoch == run.position["epoch"] else 0
+            for batch_index, batch in enumerate(run.batches.iterate(epoch, skip), start=skip):
+                with autocast:
+                    losses = objective(student, batch.to(device))
+                (losses["loss"] / config.grad_accum).backward()
+                step_tokens += batch.n_tokens
+                step_losses = {k: step_losses.get(k, 0) + v.detach() / config.grad_accum for k, v in losses.items()}
+                micro += 1
+                if micro % config.grad_accum:
+                    continue
+                torch.nn.utils.clip_grad_norm_(list(student.parameters()) + list(objective.parameters()),
+                                               config.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                seconds = time.perf_counter() - step_started
+                train_seconds, train_tokens = train_seconds + seconds, train_tokens + step_tokens
+                last = {"step": step, "epoch": epoch, "lr": lr, **{k: v.item() for k, v in step_losses.items()},
+                        "tokens": step_tokens, "step_seconds": seconds, "tokens_per_second": step_tokens / seconds}
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+                report("step", last)
+                step_tokens, step_losses = 0, {}
+                if config.checkpoint_every and (step % config.checkpoint_every == 0 or step >= run.total_steps):
+                    save_checkpoint(out / "checkpoints" / f"step-{step:06d}", student, objective, optimizer,
+                                    scheduler, {"step": step, "epoch": epoch, "batch": batch_index + 1})
+                step_started = time.perf_counter()
+                if step >= run.total_steps:
+                    break
+    save_student(out, student, run.tokenizer, config)
     return TrainSummary(out=str(out), steps=step, epochs=config.epochs, final=last,
                         seconds=time.perf_counter() - started, seconds_per_step=train_seconds / max(step, 1),
-                        tokens_per_second=train_tokens / max(train_seconds, 1e-9), resumed_from=resumed_from)
+                        tokens_per_second=train_tokens / max(train_seconds, 1e-9), resumed_from=run.resumed_from)
 
 
 def run_config(config: TrainConfig) -> dict:
