@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from mta_cli.cli import quiet_libraries
+
+quiet_libraries()
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "benchmarks" / "work"
 RESULTS = REPO / "benchmarks" / "results"

@@ -253,3 +253,11 @@ def test_topk_kd_loss_rejects_divergences_that_need_the_full_distribution():
     ids, lp, rest = torch.zeros(7, 2, dtype=torch.long), torch.zeros(7, 2), torch.zeros(7)
     with pytest.raises(ValueError, match="use 'fkl'"):
         topk_kd_loss(s_hidden, s_head, ids, lp, rest, labels, "rkl", alpha=0.5, temperature=1.0)
+
+
+def test_kl_family_gradient_is_finite_for_extreme_logits():
+    s = torch.tensor([[0.0, -200.0, 50.0]], requires_grad=True)
+    t = torch.tensor([[60.0, 0.0, -300.0]])
+    for name in ("fkl", "rkl", "skl", "srkl"):
+        (grad,) = torch.autograd.grad(DIVERGENCES[name](s, t).sum(), s)
+        assert grad.isfinite().all(), name
