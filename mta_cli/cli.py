@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
 
@@ -51,13 +51,13 @@ def print_figures(figures: dict, as_json: bool, title: str) -> None:
     out.print(table)
 
 
-def parse_layers(text: str | None) -> list[int] | None:
+def parse_ints(text: str | None, option: str) -> list[int] | None:
     if not text:
         return None
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--layers must be comma-separated integers such as 15,22,30, got {text!r}") from None
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
 def version_callback(value: bool) -> None:
@@ -122,7 +122,7 @@ def extract(
 
     try:
         config = ExtractConfig(
-            teacher=teacher, data=str(data), out=out_path, format=format, layers=parse_layers(layers), dtype=dtype,
+            teacher=teacher, data=str(data), out=out_path, format=format, layers=parse_ints(layers, "--layers"), dtype=dtype,
             teacher_dtype=teacher_dtype, device=device, max_length=max_length, max_prompt_length=max_prompt_length,
             batch_size=batch_size, shard_size=shard_size, top_k=top_k, spacy_model=spacy_model, words=words,
             spacy_processes=spacy_processes, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code,
@@ -182,15 +182,6 @@ class extract_progress:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
-
-
-def parse_ints(text: str | None, option: str) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
 @app.command()

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from tests import tiny
 
@@ -17,3 +18,12 @@ def sp_tok():
 def tiny_teacher_dir(tmp_path_factory, bl_tok):
     """A 4-layer random Llama with the byte-level tokenizer, saved as an HF folder."""
     return tiny.save_tiny_model(tmp_path_factory.mktemp("teacher"), bl_tok, tiny.tiny_llama(bl_tok))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and lose a lot when the CPU is shared (results do not change)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -52,14 +52,6 @@ def run_cli(*args) -> object:
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and lose a lot when the CPU is shared (results do not change)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, tiny_teacher_dir) -> str:
     base = tmp_path_factory.mktemp("train-cache")
