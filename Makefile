@@ -9,3 +9,25 @@ test: setup
 
 demo: setup
 	bash examples/quickstart.sh
+
+# Benchmarks (real teacher, ../shared/data/dolly); each prints a markdown table and writes
+# benchmarks/results/<name>.json. `make bench` runs all five.
+BENCH = .venv/bin/python -m benchmarks
+.PHONY: bench bench-extract bench-footprint bench-train bench-loader bench-e2e
+
+bench: bench-extract bench-footprint bench-train bench-loader bench-e2e
+
+bench-extract: setup
+	$(BENCH).extract_overhead
+
+bench-footprint: setup
+	$(BENCH).cache_footprint
+
+bench-train: setup
+	$(BENCH).train_step
+
+bench-loader: setup
+	$(BENCH).loader_headroom
+
+bench-e2e: setup
+	$(BENCH).end_to_end

@@ -6,7 +6,10 @@ when stderr is not a terminal; every failure exits non-zero with a message that 
 
 from __future__ import annotations
 
-import json
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # before any import of tqdm: GGUF de-quantisation draws a bare bar
+import json  # noqa: E402
 from dataclasses import asdict
 from pathlib import Path
 
@@ -74,10 +77,8 @@ def main_options(version: bool = typer.Option(False, "--version", callback=versi
 
 def quiet_libraries() -> None:
     """mta draws its own progress; transformers' bars and advisory warnings would clutter stderr."""
-    import os
     import warnings
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantisation draws a bare tqdm bar
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -281,6 +282,28 @@ class train_progress:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
+
+
+@app.command()
+def prune(
+    teacher: str = typer.Option(..., "--teacher", help="model to copy: HF name, folder or .gguf file"),
+    keep_layers: int = typer.Option(..., "--keep-layers", min=1, help="blocks kept, evenly spaced, first and last"),
+    out_path: Path = typer.Option(..., "--out", help="folder for the pruned model (HF format)"),
+) -> None:
+    """Save a depth-pruned copy of a model, the untrained student of `--init-from-teacher`.
+
+    Example: `mta prune --teacher SmolLM2-135M-Instruct.Q4_1.gguf --keep-layers 8 --out students/pruned-8`
+    """
+    from mta_cli.models import load_tokenizer
+    from mta_cli.student import build_student
+
+    try:
+        student = build_student(init_from_teacher=teacher, keep_layers=keep_layers)
+        student.save_pretrained(out_path)
+        load_tokenizer(teacher).save_pretrained(out_path)
+    except USER_ERRORS as e:
+        raise fail(e) from e
+    out.print(f"{out_path}: {keep_layers} of the teacher's layers")
 
 
 @cache_app.command("info")
