@@ -54,7 +54,6 @@ def run(mode: str, loss: str, mta: bool, steps: int, cache: str, data: str, teac
 def parts(cache: str, teacher: str) -> dict:
     """Seconds of each piece of one step, timed alone on a typical cached batch of 8."""
     from mta_cli.cache.reader import CacheReader
-    from mta_cli.losses import LogitHead
     from mta_cli.models import load_causal_lm
     from mta_cli.segment import Segmenter
     from mta_cli.teacher import output_head, teacher_forward
@@ -71,7 +70,7 @@ def parts(cache: str, teacher: str) -> dict:
     started = time.perf_counter()
     teacher_forward(model, batch.input_ids, batch.attention_mask, [15, 22, 30])
     forward_s = time.perf_counter() - started
-    head = LogitHead(**output_head(model))
+    head = output_head(model)
     targets = batch.labels != -100
     started = time.perf_counter()
     with torch.no_grad():

@@ -135,7 +135,7 @@ def extract(
             summary = run_extract(config, progress=on_event)
     except USER_ERRORS as e:
         raise fail(e) from e
-    print_figures(asdict(summary) | {"details": None}, as_json, "mta extract")
+    print_figures(asdict(summary), as_json, "mta extract")
 
 
 def dry_run_figures(config, plan, estimate_bytes) -> dict:

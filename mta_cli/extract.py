@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
@@ -24,7 +24,8 @@ from mta_cli.models import (ModelSource, hidden_size, load_causal_lm, load_token
                             tokenizer_fingerprint, weights_fingerprint)
 from mta_cli.records import load_records
 from mta_cli.segment import Segmenter, spans_to_token_ranges
-from mta_cli.teacher import apply_head, output_head, teacher_forward
+from mta_cli.losses.kd import LogitHead
+from mta_cli.teacher import output_head, teacher_forward
 
 # Compressed size / raw size of stored states, measured on SmolLM2-135M states (Blosc zstd 3 + shuffle).
 COMPRESSION_ESTIMATE = {"bf16": 0.78, "fp16": 0.85, "fp32": 0.9, "int8": 0.85}
@@ -73,7 +74,6 @@ class ExtractSummary:
     tokens_per_second: float          # extraction throughput: tokens / wall time of the shard loop
     teacher_seconds: float
     bytes_written: int                # compressed bytes on disk of the shards written by this run
-    details: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -134,11 +134,11 @@ def resolve_layers(requested: list[int] | None, n_teacher_layers: int) -> list[i
     return sorted(set(layers) | {n_teacher_layers})
 
 
-def check_head(model, head: dict, input_ids: torch.Tensor) -> None:
+def check_head(model, head: LogitHead, input_ids: torch.Tensor) -> None:
     """Refuse a teacher whose logits the stored head does not reproduce (unknown head type)."""
     with torch.inference_mode():
         out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
-        recomputed = apply_head(out.hidden_states[-1], head)
+        recomputed = head(out.hidden_states[-1])
     if not torch.allclose(recomputed.float(), out.logits.float(), rtol=1e-3, atol=1e-3):
         raise CacheError("the teacher's logits are not reproduced by its output head (unsupported head type); "
                          "please report the model architecture")
@@ -187,7 +187,7 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def run_teacher(model, samples: list[Encoded], config: ExtractConfig, layers: list[int], head: dict,
+def run_teacher(model, samples: list[Encoded], config: ExtractConfig, layers: list[int], head: LogitHead,
                 pad_id: int, device: torch.device, on_batch: Callable[[int], None]):
     """Teacher states of every sample of a shard, encoded for storage, in sample order."""
     states: list[dict] = [None] * len(samples)
@@ -258,12 +258,12 @@ def cache_metadata(config: ExtractConfig, the_plan: Plan, model, layers: list[in
     }
 
 
-def head_arrays(head: dict, teacher_dtype: str) -> dict[str, np.ndarray]:
+def head_arrays(head: LogitHead, teacher_dtype: str) -> dict[str, np.ndarray]:
     """The head stored in the teacher's compute precision, bit for bit."""
     dtype = teacher_dtype if teacher_dtype in ("bf16", "fp16") else "fp32"
-    arrays = {"weight": encode_states(head["weight"].cpu(), dtype)[""]}
-    if head["bias"] is not None:
-        arrays["bias"] = encode_states(head["bias"].cpu()[None], dtype)[""][0]
+    arrays = {"weight": encode_states(head.weight.cpu(), dtype)[""]}
+    if head.bias is not None:
+        arrays["bias"] = encode_states(head.bias.cpu()[None], dtype)[""][0]
     return arrays
 
 
@@ -286,8 +286,7 @@ def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None 
 
     meta = cache_metadata(config, the_plan, model, layers, segmenter)
     meta["teacher"]["head"] = {"dtype": config.teacher_dtype if config.teacher_dtype in ("bf16", "fp16") else "fp32",
-                               "scale": head["scale"], "softcap": head["softcap"],
-                               "has_bias": head["bias"] is not None}
+                               "scale": head.scale, "softcap": head.softcap, "has_bias": head.bias is not None}
     writer = CacheWriter(config.out, meta)
     writer.write_head(head_arrays(head, config.teacher_dtype))
 

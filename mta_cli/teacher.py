@@ -6,14 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
+from mta_cli.losses.kd import LogitHead
 
-def output_head(model, detach: bool = True) -> dict:
-    """The teacher's output head, so training can recompute exact logits from the last layer.
 
-    logits = softcap(scale * (h @ weight.T + bias)), softcap(x) = c * tanh(x / c) when set.
-    Covers plain heads (Llama, GPT-2, Qwen, SmolLM), Gemma-2/3 final soft-capping, Cohere's
-    `logit_scale` and Granite's `logits_scaling` (a divisor). `extract` also checks the result
-    against the model's own logits on the first batch, so an unknown head cannot slip through.
+def output_head(model, detach: bool = True) -> LogitHead:
+    """The model's output head, so training can recompute exact logits from the last layer.
+
+    logits = softcap(scale * (h @ weight.T + bias)). Covers plain heads (Llama, GPT-2, Qwen, SmolLM),
+    Gemma-2/3 final soft-capping, Cohere's `logit_scale` and Granite's `logits_scaling` (a divisor).
+    `extract` also checks the result against the model's own logits, so an unknown head cannot slip
+    through. `detach=False` keeps the student's trainable tensors.
     """
     head = model.get_output_embeddings()
     config = model.config.get_text_config()
@@ -23,24 +25,10 @@ def output_head(model, detach: bool = True) -> dict:
     if getattr(config, "logits_scaling", None):
         scale = 1.0 / float(config.logits_scaling)
     softcap = getattr(config, "final_logit_softcapping", None)
-    bias = getattr(head, "bias", None)
-    return {
-        "weight": head.weight.detach() if detach else head.weight,
-        "bias": (bias.detach() if detach else bias) if bias is not None else None,
-        "scale": scale,
-        "softcap": float(softcap) if softcap else None,
-    }
-
-
-def apply_head(hidden: torch.Tensor, head: dict) -> torch.Tensor:
-    """Logits [..., V] from last-layer states [..., d] with a head as returned by `output_head`."""
-    logits = hidden @ head["weight"].T.to(hidden.dtype)
-    if head["bias"] is not None:
-        logits = logits + head["bias"].to(hidden.dtype)
-    logits = logits * head["scale"]
-    if head["softcap"]:
-        logits = head["softcap"] * torch.tanh(logits / head["softcap"])
-    return logits
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if detach:
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    return LogitHead(weight, bias, scale, float(softcap) if softcap else None)
 
 
 @dataclass
@@ -55,7 +43,7 @@ class TeacherOutput:
 
 @torch.inference_mode()
 def teacher_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int],
-                    head: dict | None = None, top_k: int = 0) -> TeacherOutput:
+                    head: LogitHead | None = None, top_k: int = 0) -> TeacherOutput:
     """Run the teacher once on a right-padded batch [B, T] and keep only `layers`.
 
     The full-vocabulary logits are not computed here (`logits_to_keep=1`): the cache stores the
@@ -66,7 +54,7 @@ def teacher_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     states = {layer: out.hidden_states[layer] for layer in layers}
     if not top_k:
         return TeacherOutput(states)
-    logprobs = torch.log_softmax(apply_head(out.hidden_states[-1], head).float(), dim=-1)
+    logprobs = torch.log_softmax(head(out.hidden_states[-1]).float(), dim=-1)
     values, ids = logprobs.topk(top_k, dim=-1)
     rest = (1.0 - values.exp().sum(-1)).clamp_min(0.0)
     return TeacherOutput(states, ids.to(torch.int32), values, rest)

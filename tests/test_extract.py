@@ -13,6 +13,7 @@ What is proven (issue 2, "done when"):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,7 +28,6 @@ from mta_cli.extract import ExtractConfig, extract
 from mta_cli.models import load_causal_lm, load_tokenizer
 from mta_cli.records import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_records
 from mta_cli.segment import Segmenter, spans_to_token_ranges
-from mta_cli.teacher import apply_head
 from tests import tiny
 
 MAX_LENGTH, MAX_PROMPT = 64, 32
@@ -178,7 +178,7 @@ def assert_head_reproduces_logits(reader: CacheReader, model, atol=1e-5) -> None
     assert samples
     for sample in samples:
         _, logits = direct(model, sample.input_ids)
-        recomputed = apply_head(sample.states[last], reader.head)
+        recomputed = reader.head(sample.states[last])
         assert recomputed.shape == logits.shape == (sample.n_tokens, reader.meta["teacher"]["vocab_size"])
         torch.testing.assert_close(recomputed, logits, rtol=1e-5, atol=atol)
 
@@ -186,8 +186,8 @@ def assert_head_reproduces_logits(reader: CacheReader, model, atol=1e-5) -> None
 def test_head_reproduces_llama_logits(caches, teacher):
     reader = caches["fp32_b1"][1]
     head = reader.head
-    assert head["bias"] is None and head["softcap"] is None and head["scale"] == 1.0
-    assert torch.equal(head["weight"], teacher.lm_head.weight.detach())
+    assert head.bias is None and head.softcap is None and head.scale == 1.0
+    assert torch.equal(head.weight, teacher.lm_head.weight.detach())
     assert_head_reproduces_logits(reader, teacher)
     assert_head_reproduces_logits(caches["fp32"][1], teacher)
 
@@ -221,15 +221,15 @@ def test_head_reproduces_logits_of_other_teachers(kind, tmp_path, bl_tok):
     assert_head_reproduces_logits(reader, model)
     head = reader.head
     if kind == "gemma2_softcap":
-        assert head["softcap"] == 0.5 and reader.meta["teacher"]["head"]["softcap"] == 0.5
+        assert head.softcap == 0.5 and reader.meta["teacher"]["head"]["softcap"] == 0.5
         sample = reader[0]
         _, logits = direct(model, sample.input_ids)
-        uncapped = apply_head(sample.states[2], {**head, "softcap": None})
+        uncapped = dataclasses.replace(head, softcap=None)(sample.states[2])
         assert (uncapped - logits).abs().max() > 1e-2  # the cap matters here: the test would see it missing
     else:
-        assert head["softcap"] is None
+        assert head.softcap is None
         # tied heads are the input embeddings
-        assert torch.equal(head["weight"], model.get_input_embeddings().weight.detach())
+        assert torch.equal(head.weight, model.get_input_embeddings().weight.detach())
 
 
 # --- 3. layers ---------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ from mta_cli.losses import LOSSES, LogitHead, default_key_layers
 from mta_cli.models import load_causal_lm, load_tokenizer
 from mta_cli.segment import Segmenter
 from mta_cli.student import prune_layers
-from mta_cli.teacher import apply_head
 from mta_cli.train.batches import Batch, CacheBatches, collate
 from mta_cli.train.objective import Objective, ObjectiveConfig
 from mta_cli.train.online import OnlineBatches, live_samples
@@ -204,8 +203,8 @@ def test_cached_head_is_the_live_head(readers, teacher, heads):
     live = teacher.get_output_embeddings().weight.detach()
     for dtype in ("fp32", "bf16"):
         head = readers[dtype].head
-        assert head["bias"] is None and head["scale"] == 1.0 and head["softcap"] is None
-        assert torch.equal(head["weight"], live), dtype  # teacher_dtype fp32: the head is stored in fp32
+        assert head.bias is None and head.scale == 1.0 and head.softcap is None
+        assert torch.equal(head.weight, live), dtype  # teacher_dtype fp32: the head is stored in fp32
         assert torch.equal(heads[dtype].weight, live) and heads[dtype].bias is None
     assert torch.equal(heads["live"].weight, live) and heads["live"].bias is None
     assert heads["live"].scale == heads["fp32"].scale == 1.0 and heads["live"].softcap is heads["fp32"].softcap
@@ -213,7 +212,7 @@ def test_cached_head_is_the_live_head(readers, teacher, heads):
     with torch.no_grad():
         logits = teacher(torch.from_numpy(sample.input_ids.astype(np.int64))[None]).logits[0]
     torch.testing.assert_close(heads["fp32"](sample.states[4]), logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(apply_head(sample.states[4], readers["fp32"].head), logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(readers["fp32"].head(sample.states[4]), logits, rtol=1e-5, atol=1e-5)
 
 
 # --- losses and gradients ------------------------------------------------------------------------------------

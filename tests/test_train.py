@@ -75,8 +75,7 @@ def teacher(tiny_teacher_dir):
 
 @pytest.fixture(scope="module")
 def cache_head(reader) -> LogitHead:
-    head = reader.head
-    return LogitHead(head["weight"], head["bias"], head["scale"], head["softcap"])
+    return reader.head
 
 
 def config(out, cache, loss="srkl", mta=True, **options) -> TrainConfig:

@@ -17,6 +17,7 @@ import torch
 
 from mta_cli.cache.layout import decode_states, shard_name
 from mta_cli.cache.store import CacheError, open_root
+from mta_cli.losses.kd import LogitHead
 
 RAGGED = {  # array name -> its row-pointer array
     "input_ids": "token_ptr", "offsets": "token_ptr", "text_bytes": "text_ptr",
@@ -134,13 +135,13 @@ class CacheReader:
         return int(self.shard_starts[-1])
 
     @cached_property
-    def head(self) -> dict:
+    def head(self) -> LogitHead:
         """The teacher's output head: weight [V, d] and bias [V] | None as float32, scale, softcap."""
         info = self.meta["teacher"]["head"]
         group = self.root["head"]
         weight = decode_states(group["weight"][...], info["dtype"])
         bias = decode_states(group["bias"][...][None], info["dtype"])[0] if "bias" in group else None
-        return {"weight": weight, "bias": bias, "scale": info["scale"], "softcap": info["softcap"]}
+        return LogitHead(weight, bias, info["scale"], info["softcap"])
 
     def _check_layers(self, layers: list[int] | None) -> list[int]:
         if layers is None:

@@ -42,6 +42,10 @@ class LogitHead:
     scale: float = 1.0
     softcap: float | None = None
 
+    def to(self, device: torch.device | str) -> "LogitHead":
+        bias = None if self.bias is None else self.bias.to(device)
+        return LogitHead(self.weight.to(device), bias, self.scale, self.softcap)
+
     def __call__(self, h: Tensor) -> Tensor:
         """[..., d] -> [..., V], in the weight's dtype."""
         logits = F.linear(h.to(self.weight.dtype), self.weight, self.bias)

@@ -40,7 +40,7 @@ def student_head(model) -> LogitHead:
     """The student's own output head, trainable (shares tensors with the model)."""
     from mta_cli.teacher import output_head
 
-    return LogitHead(**output_head(model, detach=False))
+    return output_head(model, detach=False)
 
 
 class Objective(nn.Module):

@@ -20,7 +20,7 @@ import torch
 from mta_cli import __version__
 from mta_cli.cache.reader import CacheReader
 from mta_cli.cache.store import CacheError
-from mta_cli.losses import LogitHead, default_key_layers
+from mta_cli.losses import default_key_layers
 from mta_cli.models import hidden_size, load_causal_lm, load_tokenizer, n_layers, resolve_device, tokenizer_fingerprint
 from mta_cli.student import build_student
 from mta_cli.teacher import output_head
@@ -117,9 +117,7 @@ class Source:
             self.teacher_dim = meta["teacher"]["hidden_size"]
             self.available = self.reader.layers
             self.tokenizer_sha = meta["config"]["tokenizer_sha256"]
-            head = self.reader.head
-            self.head = LogitHead(head["weight"].to(device), None if head["bias"] is None else head["bias"].to(device),
-                                  head["scale"], head["softcap"])
+            self.head = self.reader.head.to(device)
             self.teacher_model = None
         else:
             if not (config.teacher and config.data):
@@ -129,7 +127,7 @@ class Source:
             self.n_teacher = n_layers(self.teacher_model)
             self.teacher_dim = hidden_size(self.teacher_model)
             self.available = list(range(self.n_teacher + 1))
-            self.head = LogitHead(**output_head(self.teacher_model))
+            self.head = output_head(self.teacher_model)
             self.tokenizer_sha = None
 
     def batches(self, tokenizer, layers: list[int], own_tokenizer: bool):
