@@ -357,3 +357,18 @@ def test_version_from_the_console_script():
                             timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == f"mta {__version__}"
     assert cli("--version").stdout.strip() == f"mta {__version__}"
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_a_cache_behind_an_fsspec_url_matches_the_local_one(scheme, tmp_path, tiny_teacher_dir, data_file, good):
+    """`--out` takes any fsspec URL: the same extraction through fsspec gives the same arrays, reads and verifies."""
+    url = f"memory://{tmp_path.name}/cache.zarr" if scheme == "memory" else f"file://{tmp_path}/cache.zarr"
+    extract(config(tiny_teacher_dir, data_file, url))
+    assert cache_inspect.verify(url) == []
+    remote, local = CacheReader(url), CacheReader(str(good))
+    assert len(remote) == len(local) == N_SAMPLES
+    for i in (0, N_SAMPLES - 1):
+        assert remote[i].text == local[i].text
+        assert np.array_equal(remote[i].input_ids, local[i].input_ids)
+        for layer in local.layers:
+            assert np.array_equal(remote[i].states[layer].numpy(), local[i].states[layer].numpy())

@@ -23,9 +23,11 @@ class CacheError(RuntimeError):
 
 
 def open_root(url: str, mode: str) -> zarr.Group:
-    """Open the cache's root group at a local path or any fsspec URL."""
+    """Open the cache's root group at a local path or any fsspec URL (s3://, gs://, file://, memory://)."""
+    url = str(url)
+    options = {"auto_mkdir": True} if url.startswith("file://") else None  # object stores need no folders
     try:
-        return zarr.open_group(str(url), mode=mode)
+        return zarr.open_group(url, mode=mode, storage_options=options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise CacheError(f"no mta cache at {url}: {e}") from None
 
@@ -51,7 +53,7 @@ class CacheWriter:
 
     def __init__(self, url: str, meta: dict[str, Any]):
         self.url = str(url)
-        self.root = zarr.open_group(self.url, mode="a")
+        self.root = open_root(self.url, mode="a")
         existing = self.root.attrs.get("mta")
         if existing is None:
             if len(list(self.root.keys())):
