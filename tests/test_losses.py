@@ -17,6 +17,7 @@ from mta_cli.losses import (
     topk_forward_kl,
     topk_kd_loss,
 )
+from mta_cli.losses.divergences import log_probs
 
 # 3 positions x 4 vocab, logits of student and teacher.
 S = np.array([[1.0, 0.5, -1.0, 2.0], [0.0, 0.0, 0.0, 0.0], [3.0, -2.0, 0.5, 0.1]])
@@ -69,7 +70,8 @@ def test_registry_names():
 @pytest.mark.parametrize("name", sorted(NUMPY_DIVERGENCES))
 def test_divergence_matches_numpy(name):
     expected = NUMPY_DIVERGENCES[name](np_softmax(S), np_softmax(T))
-    got = DIVERGENCES[name](torch.tensor(S, dtype=torch.float32), torch.tensor(T, dtype=torch.float32))
+    got = DIVERGENCES[name](log_probs(torch.tensor(S, dtype=torch.float32)),
+                            log_probs(torch.tensor(T, dtype=torch.float32)))
     assert got.dtype == torch.float32 and got.shape == (3,)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
 
@@ -77,7 +79,7 @@ def test_divergence_matches_numpy(name):
 def test_forward_kl_by_hand():
     # p_T = [1/2, 1/2], p_S = [1/4, 3/4]: KL = 1/2 ln 2 + 1/2 ln(2/3)
     student = torch.log(torch.tensor([[0.25, 0.75]]))
-    teacher = torch.zeros(1, 2)
+    teacher = log_probs(torch.zeros(1, 2))
     expected = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
     assert forward_kl(student, teacher).item() == pytest.approx(expected, abs=1e-6)
     # Reverse: 1/4 ln(1/2) + 3/4 ln(3/2)
@@ -87,14 +89,14 @@ def test_forward_kl_by_hand():
 @pytest.mark.parametrize("name", sorted(NUMPY_DIVERGENCES))
 def test_identical_distributions_give_zero(name):
     x = torch.tensor(S, dtype=torch.float32)
-    assert torch.allclose(DIVERGENCES[name](x, x), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(DIVERGENCES[name](log_probs(x), log_probs(x)), torch.zeros(3), atol=1e-6)
     # Logits shifted by a constant are the same distribution.
-    assert torch.allclose(DIVERGENCES[name](x + 3.0, x), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(DIVERGENCES[name](log_probs(x + 3.0), log_probs(x)), torch.zeros(3), atol=1e-5)
 
 
 def test_bounds_on_far_apart_distributions():
     torch.manual_seed(0)
-    s, t = 20 * torch.randn(64, 50), 20 * torch.randn(64, 50)
+    s, t = log_probs(20 * torch.randn(64, 50)), log_probs(20 * torch.randn(64, 50))
     bound = -math.log(0.1)
     for name in ("skl", "srkl"):
         d = DIVERGENCES[name](s, t)
@@ -111,11 +113,13 @@ def test_akl_is_the_gap_weighted_mix_with_detached_weights():
     s, t = torch.tensor(S[:2], requires_grad=True), torch.tensor(T[:2])  # row 3 of S, T is identical
     w_head, w_tail = (torch.tensor(w) for w in np_akl_weights(np_softmax(S[:2]), np_softmax(T[:2])))
     assert (w_head > 0).all() and (w_tail > 0).all()
-    akl = adaptive_kl(s, t)
-    mix = w_head * forward_kl(s, t) + w_tail * reverse_kl(s, t)
+    ls, lt = log_probs(s), log_probs(t)
+    akl = adaptive_kl(ls, lt)
+    mix = w_head * forward_kl(ls, lt) + w_tail * reverse_kl(ls, lt)
     assert torch.allclose(akl, mix, atol=1e-12)
     # The weights are constants: the gradient is the weighted mix of the FKL and RKL gradients.
-    assert torch.allclose(torch.autograd.grad(akl.sum(), s)[0], torch.autograd.grad(mix.sum(), s)[0], atol=1e-12)
+    grad_akl = torch.autograd.grad(akl.sum(), s, retain_graph=True)[0]
+    assert torch.allclose(grad_akl, torch.autograd.grad(mix.sum(), s)[0], atol=1e-12)
 
 
 def test_logit_head_applies_bias_scale_softcap():
@@ -217,8 +221,8 @@ def test_topk_forward_kl_with_all_tokens_is_dense_forward_kl():
     t = torch.tensor(T)
     lp_t = torch.log_softmax(t, -1)
     ids = lp_t.argsort(-1, descending=True)  # K = V, in an arbitrary order
-    topk = topk_forward_kl(s, ids, lp_t.gather(-1, ids), torch.zeros(3, dtype=torch.float64))
-    dense = forward_kl(s, t)
+    topk = topk_forward_kl(log_probs(s), ids, lp_t.gather(-1, ids), torch.zeros(3, dtype=torch.float64))
+    dense = forward_kl(log_probs(s), lp_t)
     assert torch.allclose(topk, dense, atol=1e-12)
     g_topk, g_dense = (torch.autograd.grad(x.sum(), s)[0] for x in (topk, dense))
     assert g_topk.isfinite().all() and torch.allclose(g_topk, g_dense, atol=1e-12)
@@ -230,7 +234,7 @@ def test_topk_forward_kl_matches_the_bucket_formula():
     pt_k, ps_k = np.take_along_axis(pt, ids, -1), np.take_along_axis(ps, ids, -1)
     r, r_s = 1 - pt_k.sum(-1), 1 - ps_k.sum(-1)
     expected = (pt_k * np.log(pt_k / ps_k)).sum(-1) + r * np.log(r / r_s)
-    got = topk_forward_kl(torch.tensor(S), torch.tensor(ids), torch.tensor(np.log(pt_k)), torch.tensor(r))
+    got = topk_forward_kl(log_probs(torch.tensor(S)), torch.tensor(ids), torch.tensor(np.log(pt_k)), torch.tensor(r))
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
@@ -259,5 +263,5 @@ def test_kl_family_gradient_is_finite_for_extreme_logits():
     s = torch.tensor([[0.0, -200.0, 50.0]], requires_grad=True)
     t = torch.tensor([[60.0, 0.0, -300.0]])
     for name in ("fkl", "rkl", "skl", "srkl"):
-        (grad,) = torch.autograd.grad(DIVERGENCES[name](s, t).sum(), s)
+        (grad,) = torch.autograd.grad(DIVERGENCES[name](log_probs(s), log_probs(t)).sum(), s)
         assert grad.isfinite().all(), name

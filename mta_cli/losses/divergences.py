@@ -1,10 +1,10 @@
 """Per-token divergences between a teacher distribution p_T and a student distribution p_S.
 
-Every function takes logits that the caller has already divided by the temperature,
-`student_logits` and `teacher_logits` of shape [N, V] (any leading dims work), and returns the
-divergence per position, shape [N]. Math runs in at least float32 on log-probabilities
-(`log_softmax`); mixtures such as λ p + (1 - λ) q are formed in log space with `logaddexp`, so
-no log(0) is ever taken.
+Every function takes log-probabilities, `student_logp` and `teacher_logp` of shape [N, V] (any
+leading dims work; `log_probs(logits / temperature)` makes them), and returns the divergence per
+position, shape [N]. Taking log-probabilities lets the caller share one log_softmax between the
+cross-entropy and the divergence. Mixtures such as λ p + (1 - λ) q are formed in log space with
+`logaddexp`, so no log(0) is ever taken.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 
-def _log_probs(logits: Tensor) -> Tensor:
+def log_probs(logits: Tensor) -> Tensor:
     """log_softmax over the vocabulary, upcast to float32 (fp64 stays fp64)."""
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
@@ -34,42 +34,38 @@ def _kl(logp: Tensor, logq: Tensor) -> Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+def forward_kl(ls: Tensor, lt: Tensor) -> Tensor:
     """KL(p_T || p_S): mode-covering, the classic KD loss. [N, V] x2 -> [N]."""
-    return _kl(_log_probs(teacher_logits), _log_probs(student_logits))
+    return _kl(lt, ls)
 
 
-def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+def reverse_kl(ls: Tensor, lt: Tensor) -> Tensor:
     """KL(p_S || p_T): mode-seeking (MiniLLM). [N, V] x2 -> [N]."""
-    return _kl(_log_probs(student_logits), _log_probs(teacher_logits))
+    return _kl(ls, lt)
 
 
-def skew_forward_kl(student_logits: Tensor, teacher_logits: Tensor, lam: float = 0.1) -> Tensor:
+def skew_forward_kl(ls: Tensor, lt: Tensor, lam: float = 0.1) -> Tensor:
     """DistiLLM skew KL: KL(p_T || λ p_T + (1 - λ) p_S); bounded by -log λ. [N, V] x2 -> [N]."""
-    lt, ls = _log_probs(teacher_logits), _log_probs(student_logits)
     return _kl(lt, _log_mix(lt, ls, lam))
 
 
-def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, lam: float = 0.1) -> Tensor:
+def skew_reverse_kl(ls: Tensor, lt: Tensor, lam: float = 0.1) -> Tensor:
     """DistiLLM skew reverse KL: KL(p_S || λ p_S + (1 - λ) p_T). [N, V] x2 -> [N]."""
-    lt, ls = _log_probs(teacher_logits), _log_probs(student_logits)
     return _kl(ls, _log_mix(ls, lt, lam))
 
 
-def js(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+def js(ls: Tensor, lt: Tensor) -> Tensor:
     """Jensen-Shannon: ½ KL(p_T || m) + ½ KL(p_S || m), m = ½ (p_T + p_S); in [0, log 2]. [N, V] x2 -> [N]."""
-    lt, ls = _log_probs(teacher_logits), _log_probs(student_logits)
     lm = _log_mix(lt, ls, 0.5)
     return 0.5 * _kl(lt, lm) + 0.5 * _kl(ls, lm)
 
 
-def tvd(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+def tvd(ls: Tensor, lt: Tensor) -> Tensor:
     """Total variation distance ½ Σ_v |p_T - p_S|; in [0, 1]. [N, V] x2 -> [N]."""
-    pt, ps = _log_probs(teacher_logits).exp(), _log_probs(student_logits).exp()
-    return 0.5 * (pt - ps).abs().sum(-1)
+    return 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)
 
 
-def adaptive_kl(student_logits: Tensor, teacher_logits: Tensor, mu: float = 0.5) -> Tensor:
+def adaptive_kl(ls: Tensor, lt: Tensor, mu: float = 0.5) -> Tensor:
     """Adaptive KL (AKL, Wu et al. 2024): FKL and RKL mixed by where the two distributions differ.
 
     Sort the vocabulary by teacher probability ascending; the tail is the tokens whose cumulative
@@ -77,7 +73,6 @@ def adaptive_kl(student_logits: Tensor, teacher_logits: Tensor, mu: float = 0.5)
     and g_tail = Σ_tail |p_T - p_S|: AKL = g_head / (g_head + g_tail) FKL + g_tail / (g_head + g_tail) RKL.
     Identical distributions give 0. [N, V] x2 -> [N].
     """
-    lt, ls = _log_probs(teacher_logits), _log_probs(student_logits)
     with torch.no_grad():
         pt_sorted, order = lt.exp().sort(dim=-1)
         gap = (pt_sorted - ls.exp().gather(-1, order)).abs()
@@ -88,16 +83,15 @@ def adaptive_kl(student_logits: Tensor, teacher_logits: Tensor, mu: float = 0.5)
     return g_head / total * _kl(lt, ls) + g_tail / total * _kl(ls, lt)
 
 
-def topk_forward_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, rest_mass: Tensor) -> Tensor:
+def topk_forward_kl(ls: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, rest_mass: Tensor) -> Tensor:
     """KL(p_T || p_S) when the teacher is known only by its top-K log-probs and left-over mass.
 
     The K tokens are buckets of their own, all other tokens one extra bucket of mass r:
     D = Σ_k p_T,k (log p_T,k - log p_S,k) + r (log r - log(1 - Σ_k p_S,k)).
     log(1 - Σ_k p_S,k) is a logsumexp over the student's log-probs outside the top K (exact, no
     cancellation); r = 0 contributes 0. With K = V this is the dense forward KL.
-    student_logits [N, V], topk_ids [N, K] int, topk_logprobs [N, K], rest_mass [N] -> [N].
+    ls [N, V] student log-probs, topk_ids [N, K] int, topk_logprobs [N, K], rest_mass [N] -> [N].
     """
-    ls = _log_probs(student_logits)
     lt_k = topk_logprobs.to(ls.dtype)
     ls_k = ls.gather(-1, topk_ids)
     ls_rest = ls.scatter(-1, topk_ids, -math.inf).logsumexp(-1)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mta_cli.losses.divergences import DIVERGENCES, topk_forward_kl
+from mta_cli.losses.divergences import DIVERGENCES, log_probs, topk_forward_kl
 
 LOSSES = ("sft", *DIVERGENCES)
 
@@ -75,12 +75,22 @@ def _sums(
     """[CE sum, divergence sum] over positions, as a float tensor of shape [2].
 
     student_logits [n, V] at temperature 1, labels [n]; the divergence term is
-    divergence(student_logits / temperature, *teacher) summed, or 0 when `divergence` is None (SFT).
+    divergence(log_probs(student_logits / temperature), *teacher) summed, or 0 when `divergence` is
+    None (SFT). At temperature 1 the CE and the divergence share one log_softmax.
     """
     logits = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
-    ce = F.cross_entropy(logits, labels, reduction="sum")
-    kd = divergence(logits / temperature, *teacher).sum() if divergence is not None else torch.zeros_like(ce)
-    return torch.stack([ce, kd])
+    logp = log_probs(logits)
+    ce = F.nll_loss(logp, labels, reduction="sum")
+    if divergence is None:
+        return torch.stack([ce, torch.zeros_like(ce)])
+    tempered = logp if temperature == 1 else log_probs(logits / temperature)
+    return torch.stack([ce, divergence(tempered, *teacher).sum()])
+
+
+def _teacher_logp(teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Teacher log-probabilities at `temperature`, without a graph."""
+    with torch.no_grad():
+        return log_probs(teacher_logits if temperature == 1 else teacher_logits / temperature)
 
 
 def _reduce(sums: Tensor, n: int, loss: str, alpha: float, combined: Tensor | None = None) -> dict[str, Tensor]:
@@ -173,7 +183,8 @@ def kd_loss_from_logits(
     if loss == "sft":
         sums = _sums(student_logits, labels, None, temperature)
     else:
-        sums = _sums(student_logits, labels, DIVERGENCES[loss], temperature, (teacher_logits.detach() / temperature,))
+        sums = _sums(student_logits, labels, DIVERGENCES[loss], temperature,
+                     (_teacher_logp(teacher_logits, temperature),))
     return _reduce(sums, labels.numel(), loss, alpha)
 
 
@@ -200,8 +211,8 @@ def kd_loss(
         if loss == "sft":
             return _sums(head(s_hidden), chunk_labels, None, temperature)
         with torch.no_grad():
-            t_logits = teacher_head(t_hidden) / temperature
-        return _sums(head(s_hidden), chunk_labels, DIVERGENCES[loss], temperature, (t_logits,))
+            t_logp = _teacher_logp(teacher_head(t_hidden), temperature)
+        return _sums(head(s_hidden), chunk_labels, DIVERGENCES[loss], temperature, (t_logp,))
 
     n = labels.numel()
     coef = _coefficients(loss, alpha, n, torch.promote_types(student_hidden.dtype, torch.float32))
