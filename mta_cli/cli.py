@@ -254,8 +254,11 @@ def train(
             summary = run_train(config, progress=on_event)
     except USER_ERRORS as e:
         raise fail(e) from e
-    print_figures(asdict(summary) | {"final": json.dumps(summary.final)}, as_json, "mta train") if not as_json \
-        else out.print_json(json.dumps(asdict(summary)))
+    if as_json:
+        out.print_json(json.dumps(asdict(summary)))
+        return
+    final = {f"final {k}": v for k, v in summary.final.items() if k not in ("step", "epoch")}
+    print_figures({k: v for k, v in asdict(summary).items() if k != "final"} | final, False, "mta train")
 
 
 class train_progress:
