@@ -198,6 +198,8 @@ def train(
     loss: str = typer.Option("srkl", "--loss", help="sft, fkl, rkl, skl, srkl, js, tvd or akl"),
     kd_alpha: float = typer.Option(0.5, "--kd-alpha", min=0.0, max=1.0, help="loss = (1-α) CE + α D"),
     temperature: float = typer.Option(1.0, "--temperature", min=1e-3, help="KD temperature"),
+    topk: bool = typer.Option(False, "--topk", help="base loss from the cache's top-k teacher log-probs (extract "
+                                                    "--top-k) instead of exact logits; sft or fkl"),
     mta: bool = typer.Option(False, "--mta", help="add MTA: DSA + Hid along the key layers"),
     no_dsa: bool = typer.Option(False, "--no-dsa", help="ablation: MTA without DSA"),
     no_hid: bool = typer.Option(False, "--no-hid", help="ablation: MTA without Hid"),
@@ -237,7 +239,7 @@ def train(
     from mta_cli.train.trainer import train as run_train
 
     try:
-        objective = ObjectiveConfig(loss=loss, kd_alpha=kd_alpha, temperature=temperature, mta=mta,
+        objective = ObjectiveConfig(loss=loss, kd_alpha=kd_alpha, temperature=temperature, mta=mta, topk=topk,
                                     use_dsa=not no_dsa, use_hid=not no_hid, lambda_dsa=lambda_dsa,
                                     lambda_hid=lambda_hid, student_pooling=student_pooling)
         config = TrainConfig(

@@ -513,3 +513,50 @@ def test_cli_unknown_loss(cache, tmp_path):
     assert result.exit_code == 1
     assert "error: --loss 'kld' is not one of sft, fkl, rkl, skl, srkl, js, tvd, akl" in result.stderr
     assert not out.exists()
+
+
+# --- a student with its own tokenizer, and the top-k cache variant ------------------------------------------------
+
+
+def test_a_student_with_another_tokenizer_trains_with_span_level_losses(tmp_path, cache, sp_tok):
+    """Cached text re-tokenized for the student, spans mapped by characters: sft + DSA + span Hid train;
+    token-level KD is refused with a message."""
+    student_dir = tiny.save_tiny_model(tmp_path / "student", sp_tok, tiny.tiny_llama(sp_tok, n_layers=2, hidden=32))
+    summary = train(config(tmp_path / "run", cache, loss="sft", init_from_teacher=False, keep_layers=None,
+                           student=str(student_dir), max_steps=2))
+    assert summary.steps == 2 and summary.final["dsa"] > 0 and summary.final["hid"] > 0
+    assert math.isfinite(summary.final["loss"])
+    with pytest.raises(ValueError, match="needs identical token positions"):
+        train(config(tmp_path / "refused", cache, loss="srkl", init_from_teacher=False, keep_layers=None,
+                     student=str(student_dir), max_steps=1))
+
+
+def test_topk_training_with_every_token_equals_exact_forward_kl(tmp_path, tiny_teacher_dir, teacher, cache_head):
+    """A cache with top-k = vocabulary size holds the whole teacher distribution: the top-k fkl loss then
+    equals the exact fkl loss from the cached last layer and head."""
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:3]))
+    vocab = teacher.config.vocab_size
+    out = tmp_path / "topk.zarr"
+    extract(ExtractConfig(teacher=str(tiny_teacher_dir), data=str(data), out=str(out), dtype="fp32", batch_size=1,
+                          device="cpu", max_length=64, max_prompt_length=32, top_k=vocab))
+    reader = CacheReader(str(out))
+    batch = collate([reader[i] for i in range(3)], reader.meta["tokenizer"]["pad_token_id"])
+    student = prune_layers(copy.deepcopy(teacher), 2)
+    values = {}
+    for topk in (False, True):
+        objective = Objective(ObjectiveConfig(loss="fkl", kd_alpha=0.5, topk=topk), reader.head, 4, 48, 48)
+        values[topk] = objective(student, batch)
+    for key in ("loss", "ce", "kd"):
+        assert values[True][key].item() == pytest.approx(values[False][key].item(), rel=1e-4, abs=1e-6), key
+    summary = train(TrainConfig(out=str(tmp_path / "run"), cache=str(out), init_from_teacher=True, keep_layers=2,
+                                objective=ObjectiveConfig(loss="fkl", topk=True), max_steps=1, device="cpu"))
+    assert summary.steps == 1 and math.isfinite(summary.final["loss"])
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert all(p.isfinite().all() for p in trained.parameters())
+
+
+def test_topk_training_needs_a_topk_cache(tmp_path, cache):
+    with pytest.raises(ValueError, match="--top-k"):
+        train(TrainConfig(out=str(tmp_path / "run"), cache=cache, init_from_teacher=True, keep_layers=2,
+                          objective=ObjectiveConfig(loss="fkl", topk=True), max_steps=1, device="cpu"))

@@ -94,6 +94,8 @@ def topk_forward_kl(ls: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, rest_ma
     """
     lt_k = topk_logprobs.to(ls.dtype)
     ls_k = ls.gather(-1, topk_ids)
+    if topk_ids.shape[-1] >= ls.shape[-1]:  # K = V: no token outside, r is rounding noise
+        return (lt_k.exp() * (lt_k - ls_k)).sum(-1)
     ls_rest = ls.scatter(-1, topk_ids, -math.inf).logsumexp(-1)
     r = rest_mass.to(ls.dtype).clamp_min(0.0)
     rest_term = torch.where(r > 0, r * (r.log() - ls_rest), torch.zeros_like(r))

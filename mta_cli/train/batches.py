@@ -46,6 +46,7 @@ class Batch:
     sample_indices: list[int]
     teacher_mask: torch.Tensor | None = None              # int64 [B, T'], other tokenizer only
     teacher_spans: list[dict[str, torch.Tensor]] | None = None
+    topk: dict[str, torch.Tensor] | None = None  # cache with --top-k: ids [B, T, k], logprobs [B, T, k], rest [B, T]
 
     @property
     def n_tokens(self) -> int:
@@ -58,7 +59,8 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                      {k: v.to(device, non_blocking=True) for k, v in self.teacher_states.items()},
                      spans_to(self.spans), self.sample_indices,
-                     None if self.teacher_mask is None else self.teacher_mask.to(device), spans_to(self.teacher_spans))
+                     None if self.teacher_mask is None else self.teacher_mask.to(device), spans_to(self.teacher_spans),
+                     None if self.topk is None else {k: v.to(device) for k, v in self.topk.items()})
 
 
 def _pad(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,13 +101,27 @@ def collate(samples: list[CachedSample], pad_id: int, student_tokenizer=None, ma
     indices = [s.index for s in samples]
     if student_tokenizer is None:
         labels = _labels(teacher_ids, [s.n_tokens for s in samples], [s.n_prompt_tokens for s in samples])
-        return Batch(teacher_ids, teacher_mask, labels, states, teacher_spans, indices)
+        return Batch(teacher_ids, teacher_mask, labels, states, teacher_spans, indices, topk=_topk(samples))
     encoded = [retokenize(s, student_tokenizer, max_length) for s in samples]
     ids, mask = _pad([e.input_ids for e in encoded], student_tokenizer.pad_token_id or 0)
     labels = _labels(ids, [len(e.input_ids) for e in encoded], [e.n_prompt_tokens for e in encoded])
     spans = [_span_tensors(spans_to_token_ranges(e.text, e.offsets, s.words),
                            spans_to_token_ranges(e.text, e.offsets, s.phrases)) for s, e in zip(samples, encoded)]
     return Batch(ids, mask, labels, states, spans, indices, teacher_mask, teacher_spans)
+
+
+def _topk(samples: list[CachedSample]) -> dict[str, torch.Tensor] | None:
+    """The cached sparse teacher log-probs, padded like the tokens (None when the cache has none)."""
+    if samples[0].topk_ids is None:
+        return None
+    width, k = max(s.n_tokens for s in samples), samples[0].topk_ids.shape[1]
+    topk = {"ids": torch.zeros((len(samples), width, k), dtype=torch.long),
+            "logprobs": torch.zeros((len(samples), width, k)), "rest": torch.zeros((len(samples), width))}
+    for row, s in enumerate(samples):
+        topk["ids"][row, :s.n_tokens] = torch.from_numpy(s.topk_ids.astype(np.int64))
+        topk["logprobs"][row, :s.n_tokens] = torch.from_numpy(s.topk_logprobs)
+        topk["rest"][row, :s.n_tokens] = torch.from_numpy(s.topk_rest)
+    return topk
 
 
 def retokenize(sample: CachedSample, tokenizer, max_length: int) -> Encoded:

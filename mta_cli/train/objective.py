@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mta_cli.losses import LOSSES, LogitHead, MTALoss, kd_loss
+from mta_cli.losses import LOSSES, LogitHead, MTALoss, kd_loss, topk_kd_loss
 from mta_cli.train.batches import Batch
 
 
@@ -26,6 +26,7 @@ class ObjectiveConfig:
     student_pooling: str = "student"
     key_layers: list[tuple[int, int, str]] = field(default_factory=list)
     chunk_size: int = 1024
+    topk: bool = False   # base loss from the cache's top-k teacher log-probs instead of exact logits
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -67,12 +68,16 @@ class Objective(nn.Module):
         if needs_teacher and batch.teacher_mask is not None:
             raise ValueError(f"--loss {c.loss} compares token distributions position by position and needs the "
                              "teacher's tokenizer; with another tokenizer use --loss sft (MTA still applies)")
-        losses = kd_loss(
-            out.hidden_states[-1][targets], student_head(student),
-            batch.teacher_states[self.teacher_last_layer][targets] if needs_teacher else None,
-            self.teacher_head if needs_teacher else None,
-            batch.labels[targets], c.loss, c.kd_alpha, c.temperature, c.chunk_size,
-        )
+        student_hidden, labels = out.hidden_states[-1][targets], batch.labels[targets]
+        if c.topk:
+            topk = {k: v[targets] for k, v in batch.topk.items()}
+            losses = topk_kd_loss(student_hidden, student_head(student), topk["ids"], topk["logprobs"], topk["rest"],
+                                  labels, c.loss, c.kd_alpha, c.temperature, c.chunk_size)
+        else:
+            teacher_hidden = batch.teacher_states[self.teacher_last_layer][targets] if needs_teacher else None
+            losses = kd_loss(student_hidden, student_head(student), teacher_hidden,
+                             self.teacher_head if needs_teacher else None, labels, c.loss, c.kd_alpha, c.temperature,
+                             c.chunk_size)
         if self.mta is not None:
             student_states = {s: out.hidden_states[s] for s, _, _ in c.key_layers}
             teacher_states = {t: batch.teacher_states[t] for _, t, _ in c.key_layers}

@@ -168,6 +168,9 @@ def prepare(config: TrainConfig, device: torch.device) -> Run:
     """Build student, objective, batches, optimizer and schedule; restore the last checkpoint on --resume."""
     torch.manual_seed(config.seed)
     source = Source(config, device)
+    if config.objective.topk and (source.teacher_model is not None or not source.reader.meta["config"]["top_k"]):
+        raise ValueError("--topk trains from the sparse teacher log-probs of a cache extracted with --top-k K; "
+                         "this source has none")
     tokenizer = load_tokenizer(config.student or source.teacher_spec, config.trust_remote_code)
     own_tokenizer = bool(source.tokenizer_sha) and tokenizer_fingerprint(tokenizer) != source.tokenizer_sha
     if own_tokenizer and config.objective.loss != "sft":
