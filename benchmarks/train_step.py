@@ -1,17 +1,20 @@
 """Benchmark 3 — offline vs online training step.
 
-Step time and peak memory of `mta train --cache` against the online baseline (`--teacher --data`:
-teacher forward and spaCy every step), for `--loss sft`, `--loss srkl` and `--loss srkl --mta`.
-Each run is a separate process (its own peak RSS); the step time is the median over the steps after
-the first. The offline/online ratio of `srkl --mta` is then explained from its parts, each timed
-alone on a typical batch: student step, teacher forward, teacher head matmul, spaCy, cache read.
+Step time of `--loss sft`, `--loss srkl` and `--loss srkl --mta` (8-layer student, batch 8), offline
+(batches from the cache) and online (teacher forward and spaCy in the step, as the research code
+does). All six are timed in one process, interleaved round by round on the same batches, so each
+ratio is taken pair by pair on a noisy machine. A step is forward, backward and optimizer step (plus,
+online, spaCy + teacher forward + collation). Peak memory is measured in separate processes running
+the real `train()` for a few steps. The offline/online ratio is then explained from its parts, each
+timed alone on a typical batch: student step, teacher forward, teacher head matmul, spaCy, cache read.
 
-    .venv/bin/python -m benchmarks.train_step [--records 128] [--steps 6]
+    .venv/bin/python -m benchmarks.train_step [--records 128] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import statistics
@@ -22,108 +25,143 @@ import time
 import torch
 
 from benchmarks.common import WORK, dolly_subset, peak_rss_mib, report, teacher_folder
+from mta_cli.cache.reader import CacheReader
+from mta_cli.encode import encode_record
 from mta_cli.extract import ExtractConfig, extract
+from mta_cli.losses import default_key_layers
+from mta_cli.models import load_causal_lm, load_tokenizer
+from mta_cli.records import load_records
+from mta_cli.segment import Segmenter
+from mta_cli.student import prune_layers
+from mta_cli.teacher import output_head, teacher_forward
+from mta_cli.train.batches import CacheBatches, collate
+from mta_cli.train.objective import Objective, ObjectiveConfig
+from mta_cli.train.online import live_samples
 
-LOSSES = [("sft", "sft", False), ("srkl", "srkl", False), ("srkl --mta", "srkl", True)]
+CONFIGS = [("sft", "sft", False), ("srkl", "srkl", False), ("srkl --mta", "srkl", True)]
+LAYERS = [15, 22, 30]
 
 
-def child(mode: str, loss: str, mta: bool, steps: int, cache: str, data: str, teacher: str) -> None:
-    """One training run in this process; prints {"step_s", "tokens_per_step", "peak_rss_mib"} as JSON."""
-    from mta_cli.train.objective import ObjectiveConfig
+def memory_child(mode: str, loss: str, mta: bool, cache: str, data: str, teacher: str) -> None:
+    """Two steps of the real `train()` in this process; prints its peak RSS (MiB) as JSON."""
     from mta_cli.train.trainer import TrainConfig, train
 
-    out = WORK / f"step-{mode}-{loss}-{int(mta)}"
+    out = WORK / f"memory-{mode}-{loss}-{int(mta)}"
     shutil.rmtree(out, ignore_errors=True)
     source = {"cache": cache} if mode == "offline" else {"teacher": teacher, "data": data}
     train(TrainConfig(out=str(out), init_from_teacher=True, keep_layers=8, objective=ObjectiveConfig(loss=loss, mta=mta),
-                      max_steps=steps, batch_size=8, checkpoint_every=0, max_length=256, max_prompt_length=128,
-                      **source))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    print(json.dumps({"step_s": statistics.median(r["step_seconds"] for r in rows[1:]),
-                      "tokens_per_step": statistics.mean(r["tokens"] for r in rows[1:]),
-                      "peak_rss_mib": peak_rss_mib()}))
+                      max_steps=2, batch_size=8, checkpoint_every=0, max_length=256, max_prompt_length=128, **source))
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
 
 
-def run(mode: str, loss: str, mta: bool, steps: int, cache: str, data: str, teacher: str) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.train_step", "--child", mode, loss, str(int(mta)), str(steps), cache, data,
+def peak_memory(mode: str, loss: str, mta: bool, cache: str, data: str, teacher: str) -> float:
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--memory-child", mode, loss, str(int(mta)), cache, data,
            teacher]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
-def parts(cache: str, teacher: str) -> dict:
-    """Seconds of each piece of one step, timed alone on a typical cached batch of 8."""
-    from mta_cli.cache.reader import CacheReader
-    from mta_cli.models import load_causal_lm
-    from mta_cli.segment import Segmenter
-    from mta_cli.teacher import output_head, teacher_forward
-    from mta_cli.train.batches import CacheBatches
+class Trainee:
+    """One configuration: its own student copy, objective and optimizer, stepping on given batches."""
 
-    reader = CacheReader(cache)
-    loader = CacheBatches(reader, 8, [15, 22, 30], seed=0, pad_id=0, prefetch=False)
-    started = time.perf_counter()
-    batches = list(loader.iterate(0))
-    read_s = (time.perf_counter() - started) / len(batches)
-    batch = sorted(batches, key=lambda b: b.n_tokens)[len(batches) // 2]
-    model = load_causal_lm(teacher)
-    teacher_forward(model, batch.input_ids, batch.attention_mask, [15, 22, 30])  # warm-up
-    started = time.perf_counter()
-    teacher_forward(model, batch.input_ids, batch.attention_mask, [15, 22, 30])
-    forward_s = time.perf_counter() - started
-    head = output_head(model)
-    targets = batch.labels != -100
-    started = time.perf_counter()
-    with torch.no_grad():
-        head(batch.teacher_states[30][targets])
-    head_s = time.perf_counter() - started
-    segmenter = Segmenter()
-    texts = [reader[i].text for i in batch.sample_indices]
-    list(segmenter(texts))
-    started = time.perf_counter()
-    list(segmenter(texts))
-    parse_s = time.perf_counter() - started
-    return {"tokens": batch.n_tokens, "teacher_forward_s": forward_s, "teacher_head_matmul_s": head_s,
-            "spacy_s": parse_s, "cache_read_s": read_s}
+    def __init__(self, base_student, loss: str, mta: bool, head, n_teacher: int):
+        self.student = copy.deepcopy(base_student).train()
+        key_layers = default_key_layers(8, n_teacher) if mta else []
+        self.objective = Objective(ObjectiveConfig(loss=loss, mta=mta, key_layers=key_layers), head, n_teacher,
+                                   576, 576)
+        self.optimizer = torch.optim.AdamW(list(self.student.parameters()) + list(self.objective.parameters()), 1e-5)
+
+    def step(self, batch) -> None:
+        self.objective(self.student, batch)["loss"].backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        mode, loss, mta, steps, cache, data, teacher = sys.argv[2:9]
-        child(mode, loss, mta == "1", int(steps), cache, data, teacher)
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
+        mode, loss, mta, cache, data, teacher = sys.argv[2:8]
+        memory_child(mode, loss, mta == "1", cache, data, teacher)
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    teacher, data = str(teacher_folder()), str(dolly_subset("train", args.records))
+    teacher_dir, data = str(teacher_folder()), str(dolly_subset("train", args.records))
     cache = WORK / f"train-{args.records}.zarr"
-    extract(ExtractConfig(teacher=teacher, data=data, out=str(cache), max_length=256, max_prompt_length=128))
-    results = {}
-    for name, loss, mta in LOSSES:
-        for mode in ("offline", "online"):
-            results[(name, mode)] = run(mode, loss, mta, args.steps, str(cache), data, teacher)
-    sft = results[("sft", "offline")]["step_s"]
-    base = results[("srkl", "offline")]["step_s"]
-    rows = []
-    for name, _, _ in LOSSES:
-        off, on = results[(name, "offline")], results[(name, "online")]
-        rows.append([name, off["step_s"], on["step_s"], off["step_s"] / on["step_s"], off["step_s"] / sft,
-                     round(off["peak_rss_mib"]), round(on["peak_rss_mib"])])
-    mta_cost = results[("srkl --mta", "offline")]["step_s"] / base - 1
-    pieces = parts(str(cache), teacher)
+    extract(ExtractConfig(teacher=teacher_dir, data=data, out=str(cache), max_length=256, max_prompt_length=128))
+
+    reader = CacheReader(str(cache))
+    pad = reader.meta["tokenizer"]["pad_token_id"]
+    plan = [b for _, batches in CacheBatches(reader, 8, LAYERS, seed=0, pad_id=pad).epoch_plan(0) for b in batches]
+    rounds = plan[:args.rounds + 1]  # the first round warms up
+    teacher = load_causal_lm(teacher_dir)
+    tokenizer = load_tokenizer(teacher_dir)
+    encoded = [encode_record(tokenizer, r, 256, 128) for r in load_records(data).records]
+    assert len(encoded) == len(reader) and all(encoded), "every record must be a cache sample (same indices)"
+    segmenter = Segmenter()
+    base = prune_layers(copy.deepcopy(teacher), 8)
+    trainees = {name: Trainee(base, loss, mta, reader.head, 30) for name, loss, mta in CONFIGS}
+
+    times: dict[tuple[str, str], list[float]] = {(n, m): [] for n, _, _ in CONFIGS for m in ("offline", "online")}
+    for r, indices in enumerate(rounds):
+        for name, _, _ in CONFIGS:
+            started = time.perf_counter()
+            batch = collate([reader[i] for i in indices], pad)
+            trainees[name].step(batch)
+            offline = time.perf_counter() - started
+            started = time.perf_counter()
+            samples = live_samples(teacher, [encoded[i] for i in indices], indices, segmenter, LAYERS, pad,
+                                   torch.device("cpu"))
+            trainees[name].step(collate(samples, pad))
+            online = time.perf_counter() - started
+            if r:
+                times[(name, "offline")].append(offline)
+                times[(name, "online")].append(online)
+
+    def ratio(a: tuple[str, str], b: tuple[str, str]) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    memory = {(name, mode): peak_memory(mode, loss, mta, str(cache), data, teacher_dir)
+              for name, loss, mta in CONFIGS for mode in ("offline", "online")}
+    rows = [[name, statistics.median(times[(name, "offline")]), statistics.median(times[(name, "online")]),
+             ratio((name, "offline"), (name, "online")), ratio((name, "offline"), ("sft", "offline")),
+             round(memory[(name, "offline")]), round(memory[(name, "online")])] for name, _, _ in CONFIGS]
+    mta_cost = ratio(("srkl --mta", "offline"), ("srkl", "offline")) - 1
+    over_sft = ratio(("srkl --mta", "offline"), ("sft", "offline"))
+    pieces = parts(reader, teacher, [reader[i] for i in rounds[1]], pad)
     report("train_step", "Training step: offline (cache) vs online (live teacher + spaCy), 8-layer student",
            ["loss", "offline s/step", "online s/step", "offline/online", "offline / offline sft", "offline peak MiB",
             "online peak MiB"], rows,
            {"teacher": "SmolLM2-135M-Instruct (30 layers)", "student": "depth-pruned copy, 8 layers",
-            "batch_size": 8, "max_length": 256, "steps": args.steps, "records": args.records},
-           {"mta_overhead_over_srkl": mta_cost,
-            "srkl_mta_over_sft": results[("srkl --mta", "offline")]["step_s"] / sft,
-            "parts_seconds": pieces,
-            "runs": {f"{k[0]} / {k[1]}": v for k, v in results.items()}})
+            "batch_size": 8, "max_length": 256, "rounds": args.rounds, "records": args.records,
+            "tokens_per_step": statistics.mean(sum(reader[i].n_tokens for i in b) for b in rounds[1:])},
+           {"mta_overhead_over_srkl": mta_cost, "srkl_mta_over_sft": over_sft, "parts_seconds": pieces,
+            "step_seconds": {f"{k[0]} / {k[1]}": v for k, v in times.items()}})
     print(f"\nMTA adds {100 * mta_cost:.1f}% to the offline srkl step (target <= 15%); offline srkl --mta = "
-          f"{results[('srkl --mta', 'offline')]['step_s'] / sft:.2f}x offline sft (target <= 1.25)")
+          f"{over_sft:.2f}x offline sft (target <= 1.25)")
     print("parts of one step (s): " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                                  for k, v in pieces.items()))
+
+
+def parts(reader: CacheReader, teacher, samples, pad: int) -> dict:
+    """Seconds of each piece of one step, timed alone on one batch."""
+    started = time.perf_counter()
+    batch = collate([reader[s.index] for s in samples], pad)
+    read_s = time.perf_counter() - started
+    started = time.perf_counter()
+    teacher_forward(teacher, batch.input_ids, batch.attention_mask, LAYERS)
+    forward_s = time.perf_counter() - started
+    head = output_head(teacher)
+    started = time.perf_counter()
+    with torch.no_grad():
+        head(batch.teacher_states[30][batch.labels != -100])
+    head_s = time.perf_counter() - started
+    segmenter = Segmenter()
+    started = time.perf_counter()
+    list(segmenter(s.text for s in samples))
+    parse_s = time.perf_counter() - started
+    return {"tokens": batch.n_tokens, "teacher_forward_s": forward_s, "teacher_head_matmul_s": head_s,
+            "spacy_s": parse_s, "cache_read_and_collate_s": read_s}
 
 
 if __name__ == "__main__":

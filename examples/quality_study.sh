@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 SCALE=cpu
 if [ "${1:-}" = "--scale" ]; then SCALE=${2:?--scale takes cpu or gpu}; fi
 case "$SCALE" in
-  cpu) TRAIN=320 EVAL=60 KEEP=8 EPOCHS=2 SEEDS=10,20 NEW_TOKENS=96 BATCH=8 DEVICE=cpu ;;
+  cpu) TRAIN=480 EVAL=60 KEEP=8 EPOCHS=2 SEEDS=10,20 NEW_TOKENS=96 BATCH=8 DEVICE=cpu ;;
   gpu) TRAIN=2600 EVAL=500 KEEP=12 EPOCHS=3 SEEDS=10,20,30,40,50 NEW_TOKENS=256 BATCH=16 DEVICE=cuda ;;
   *) echo "--scale must be cpu or gpu, got $SCALE" >&2; exit 2 ;;
 esac
