@@ -560,3 +560,14 @@ def test_topk_training_needs_a_topk_cache(tmp_path, cache):
     with pytest.raises(ValueError, match="--top-k"):
         train(TrainConfig(out=str(tmp_path / "run"), cache=cache, init_from_teacher=True, keep_layers=2,
                           objective=ObjectiveConfig(loss="fkl", topk=True), max_steps=1, device="cpu"))
+
+
+def test_prune_command_saves_a_loadable_pruned_student(tmp_path, tiny_teacher_dir, teacher):
+    result = run_cli("prune", "--teacher", tiny_teacher_dir, "--keep-layers", 2, "--out", tmp_path / "pruned")
+    assert result.exit_code == 0, result.output
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert pruned.config.num_hidden_layers == 2
+    expected = prune_layers(copy.deepcopy(teacher), 2).state_dict()
+    assert_same_tensors(pruned.state_dict(), expected, "pruned weights")
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "pruned")) == \
+        tokenizer_fingerprint(load_tokenizer(str(tiny_teacher_dir)))
