@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does MTA help? The paper's ranking at small scale, driven the way users drive mta.
 #
-#   bash examples/quality_study.sh              # CPU scale: fits in ~90 minutes on 2 cores
+#   bash examples/quality_study.sh              # CPU scale: about 45 minutes on 2 cores
 #   bash examples/quality_study.sh --scale gpu  # more records, layers, epochs and seeds, on CUDA
 #
 # One extraction of the SmolLM2-135M-Instruct teacher over Dolly train records; six students from
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 SCALE=cpu
 if [ "${1:-}" = "--scale" ]; then SCALE=${2:?--scale takes cpu or gpu}; fi
 case "$SCALE" in
-  cpu) TRAIN=480 EVAL=60 KEEP=8 EPOCHS=2 SEEDS=10,20 NEW_TOKENS=96 BATCH=8 DEVICE=cpu ;;
+  cpu) TRAIN=400 EVAL=50 KEEP=8 EPOCHS=2 SEEDS=10,20 NEW_TOKENS=96 BATCH=8 DEVICE=cpu ;;
   gpu) TRAIN=2600 EVAL=500 KEEP=12 EPOCHS=3 SEEDS=10,20,30,40,50 NEW_TOKENS=256 BATCH=16 DEVICE=cuda ;;
   *) echo "--scale must be cpu or gpu, got $SCALE" >&2; exit 2 ;;
 esac
