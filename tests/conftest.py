@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -12,6 +14,21 @@ def bl_tok():
 @pytest.fixture(scope="session")
 def sp_tok():
     return tiny.sentencepiece_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_cache(tmp_path_factory, tiny_teacher_dir) -> str:
+    """An fp32 cache of tiny.RECORDS from the tiny teacher, extracted one sample per batch (so its states are
+    bitwise those of a single-sample forward), layers 2, 3, 4, shards of 5."""
+    from mta_cli.extract import ExtractConfig, extract
+
+    base = tmp_path_factory.mktemp("fp32-cache")
+    data = base / "records.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny.RECORDS))
+    out = base / "cache.zarr"
+    extract(ExtractConfig(teacher=str(tiny_teacher_dir), data=str(data), out=str(out), dtype="fp32", batch_size=1,
+                          shard_size=5, device="cpu", max_length=64, max_prompt_length=32))
+    return str(out)
 
 
 @pytest.fixture(scope="session")

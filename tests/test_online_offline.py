@@ -38,18 +38,12 @@ from mta_cli.train.batches import Batch, CacheBatches, collate
 from mta_cli.train.objective import Objective, ObjectiveConfig
 from mta_cli.train.online import OnlineBatches, live_samples
 from mta_cli.train.trainer import Source, TrainConfig
+from tests import tiny
 
 MAX_LENGTH, MAX_PROMPT = 64, 32
 CPU = torch.device("cpu")
 LAYERS = [0, 1, 2, 3, 4]
-RECORDS = [
-    {"prompt": "Name three primary colors.\n", "output": "Red, blue and yellow are the primary colors."},
-    {"prompt": "Write a sentence about a fox.\n", "output": "The quick brown fox jumps over the lazy dog."},
-    {"prompt": "Who wrote a letter?\n", "output": "Alice quickly wrote a long letter to her old friend in Paris."},
-    {"prompt": "What does photosynthesis do?\n",
-     "output": "Photosynthesis converts light energy into chemical energy stored in sugar."},
-    {"prompt": "Say hi.\n", "output": "Hi there, friend!"},
-]
+RECORDS = tiny.RECORDS[:5]
 INDICES = [0, 2, 3]  # three lengths: the collated batch is padded
 STUDENT_LAYERS = 2
 # (name, ObjectiveConfig options): every base loss, then MTA on top of srkl in its three forms

@@ -33,17 +33,7 @@ from mta_cli.train.objective import Objective, ObjectiveConfig
 from mta_cli.train.trainer import TrainConfig, key_layers, train
 from tests import tiny
 
-RECORDS = [
-    {"prompt": "Name three primary colors.\n", "output": "Red, blue and yellow are the primary colors."},
-    {"prompt": "Write a sentence about a fox.\n", "output": "The quick brown fox jumps over the lazy dog."},
-    {"prompt": "Who wrote a letter?\n", "output": "Alice quickly wrote a long letter to her old friend in Paris."},
-    {"prompt": "What does photosynthesis do?\n",
-     "output": "Photosynthesis converts light energy into chemical energy stored in sugar."},
-    {"prompt": "Say hi.\n", "output": "Hi there, friend!"},
-    {"prompt": "Tell me about Rome.\n", "output": "The Roman Empire had famous emperors and long roads."},
-    {"prompt": "Describe your morning.\n", "output": "I have been running every morning, and it really helps."},
-    {"prompt": "What is on the mat?\n", "output": "The cat sleeps on a warm mat while the dog runs outside."},
-]
+RECORDS = tiny.RECORDS
 CACHE_LAYERS = [2, 3, 4]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
@@ -53,14 +43,8 @@ def run_cli(*args) -> object:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_teacher_dir) -> str:
-    base = tmp_path_factory.mktemp("train-cache")
-    data = base / "records.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    out = base / "cache.zarr"
-    extract(ExtractConfig(teacher=str(tiny_teacher_dir), data=str(data), out=str(out), dtype="fp32", batch_size=1,
-                          shard_size=5, device="cpu", max_length=64, max_prompt_length=32))
-    return str(out)
+def cache(tiny_fp32_cache) -> str:
+    return tiny_fp32_cache
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from mta_cli.extract import ExtractConfig, extract
 from mta_cli.models import load_causal_lm, load_tokenizer
 from mta_cli.student import prune_layers
 from mta_cli.trajectory import linear_cka, trajectory_diagnostics
-from tests.test_train import RECORDS
+from tests.tiny import RECORDS
 
 
 def test_linear_cka_is_one_for_a_model_with_itself_and_invariant_to_rotation_and_scale():
@@ -31,20 +28,9 @@ def test_linear_cka_by_hand():
     assert linear_cka(x, y) == pytest.approx(float(expected), rel=1e-12)
 
 
-@pytest.fixture(scope="module")
-def fp32_cache(tmp_path_factory, tiny_teacher_dir) -> str:
-    base = tmp_path_factory.mktemp("trajectory")
-    data = base / "records.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    out = base / "cache.zarr"
-    extract(ExtractConfig(teacher=str(tiny_teacher_dir), data=str(data), out=str(out), dtype="fp32", batch_size=1,
-                          device="cpu", max_length=64, max_prompt_length=32))
-    return str(out)
-
-
-def test_the_teacher_against_its_own_cache_has_dsa_zero_and_cka_one(tiny_teacher_dir, fp32_cache):
+def test_the_teacher_against_its_own_cache_has_dsa_zero_and_cka_one(tiny_teacher_dir, tiny_fp32_cache):
     teacher = load_causal_lm(str(tiny_teacher_dir))
-    rows = trajectory_diagnostics(teacher, load_tokenizer(str(tiny_teacher_dir)), fp32_cache, batch_size=1)
+    rows = trajectory_diagnostics(teacher, load_tokenizer(str(tiny_teacher_dir)), tiny_fp32_cache, batch_size=1)
     assert [(r["student_layer"], r["teacher_layer"], r["granularity"]) for r in rows] == [
         (2, 2, "word"), (3, 3, "phrase"), (4, 4, "phrase")]
     for row in rows:
@@ -52,9 +38,9 @@ def test_the_teacher_against_its_own_cache_has_dsa_zero_and_cka_one(tiny_teacher
         assert row["samples"] == len(RECORDS) and row["cka_over"] == "tokens"
 
 
-def test_a_pruned_student_is_less_aligned_than_the_teacher(tiny_teacher_dir, fp32_cache):
+def test_a_pruned_student_is_less_aligned_than_the_teacher(tiny_teacher_dir, tiny_fp32_cache):
     tokenizer = load_tokenizer(str(tiny_teacher_dir))
     student = prune_layers(load_causal_lm(str(tiny_teacher_dir)), 2)
-    rows = trajectory_diagnostics(student, tokenizer, fp32_cache)
+    rows = trajectory_diagnostics(student, tokenizer, tiny_fp32_cache)
     assert [(r["student_layer"], r["teacher_layer"]) for r in rows] == [(1, 2), (2, 4)]
     assert all(r["dsa"] > 1e-4 and 0 < r["cka"] < 0.999 for r in rows)

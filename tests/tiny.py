@@ -25,6 +25,19 @@ CORPUS = [
     "0123456789 !?.,;:'\"()[]{}-_/\\@#$%^&*+=<>|~`",
 ]
 
+# Short instruction records (prompt format) for caches and training runs in tests.
+RECORDS = [
+    {"prompt": "Name three primary colors.\n", "output": "Red, blue and yellow are the primary colors."},
+    {"prompt": "Write a sentence about a fox.\n", "output": "The quick brown fox jumps over the lazy dog."},
+    {"prompt": "Who wrote a letter?\n", "output": "Alice quickly wrote a long letter to her old friend in Paris."},
+    {"prompt": "What does photosynthesis do?\n",
+     "output": "Photosynthesis converts light energy into chemical energy stored in sugar."},
+    {"prompt": "Say hi.\n", "output": "Hi there, friend!"},
+    {"prompt": "Tell me about Rome.\n", "output": "The Roman Empire had famous emperors and long roads."},
+    {"prompt": "Describe your morning.\n", "output": "I have been running every morning, and it really helps."},
+    {"prompt": "What is on the mat?\n", "output": "The cat sleeps on a warm mat while the dog runs outside."},
+]
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
