@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before any import of tqdm: GGUF de-quantisation draws a bare bar
 import json  # noqa: E402
+import time  # noqa: E402
 from dataclasses import asdict
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def extract(
         if dry_run:
             print_figures(dry_run_figures(config, plan, estimate_bytes), as_json, "mta extract --dry-run")
             return
-        with extract_progress() as on_event:
+        with ExtractProgress() as on_event:
             summary = run_extract(config, progress=on_event)
     except USER_ERRORS as e:
         raise fail(e) from e
@@ -153,33 +154,35 @@ def dry_run_figures(config, plan, estimate_bytes) -> dict:
             "dropped_no_response": the_plan.dropped, "truncated": the_plan.truncated, **figures}
 
 
-class extract_progress:
+class ExtractProgress:
     """A rich progress bar on stderr fed by `extract`'s events: samples, tokens/s, bytes written, ETA."""
 
     def __enter__(self):
         self.progress = Progress(
-            TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+            TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.fields[samples]} samples"),
             TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[written]}"), TimeElapsedColumn(),
             TimeRemainingColumn(), console=err, disable=not err.is_terminal,
         )
         self.progress.__enter__()
-        self.task = None
-        self.started = None
+        self.task, self.started, self.samples, self.total = None, 0.0, 0, 0
         return self.on_event
 
     def on_event(self, event: str, info: dict) -> None:
-        import time
-
         if event == "start":
-            self.task = self.progress.add_task("extract", total=info["tokens"], rate="", written="")
+            self.total = info["samples"]
+            self.task = self.progress.add_task("extract", total=info["tokens"], samples=f"0/{self.total}",
+                                               rate="", written="")
             self.started = time.perf_counter()
             if info["reused_shards"]:
                 err.print(f"resuming: {info['reused_shards']} complete shard(s) kept")
-        elif self.task is not None:
-            self.progress.advance(self.task, info.get("tokens", 0) if event == "batch" else 0)
-            done = self.progress.tasks[0].completed
-            rate = done / max(time.perf_counter() - self.started, 1e-9)
-            self.progress.update(self.task, rate=f"{rate:,.0f} tok/s", written=f"{info['bytes'] / 2**20:,.1f} MiB")
+        elif event == "batch" and self.task is not None:
+            self.samples += info["samples"]
+            self.progress.advance(self.task, info["tokens"])
+            rate = self.progress.tasks[0].completed / max(time.perf_counter() - self.started, 1e-9)
+            self.progress.update(self.task, samples=f"{self.samples}/{self.total}", rate=f"{rate:,.0f} tok/s",
+                                 written=f"{info['bytes'] / 2**20:,.1f} MiB written")
+        elif event == "shard" and self.task is not None:
+            self.progress.update(self.task, written=f"{info['bytes'] / 2**20:,.1f} MiB written")
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
@@ -252,7 +255,7 @@ def train(
             batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume, device=device,
             max_length=max_length, max_prompt_length=max_prompt_length,
         )
-        with train_progress() as on_event:
+        with TrainProgress() as on_event:
             summary = run_train(config, progress=on_event)
     except USER_ERRORS as e:
         raise fail(e) from e
@@ -263,7 +266,7 @@ def train(
     print_figures({k: v for k, v in asdict(summary).items() if k != "final"} | final, False, "mta train")
 
 
-class train_progress:
+class TrainProgress:
     """Rich progress on stderr: steps, loss, lr, tokens/s."""
 
     def __enter__(self):

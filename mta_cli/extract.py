@@ -188,7 +188,7 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 def run_teacher(model, samples: list[Encoded], config: ExtractConfig, layers: list[int], head: LogitHead,
-                pad_id: int, device: torch.device, on_batch: Callable[[int], None]):
+                pad_id: int, device: torch.device, on_batch: Callable[[int, int], None]):
     """Teacher states of every sample of a shard, encoded for storage, in sample order."""
     states: list[dict] = [None] * len(samples)
     topk: list[dict] | None = [None] * len(samples) if config.top_k else None
@@ -212,7 +212,7 @@ def run_teacher(model, samples: list[Encoded], config: ExtractConfig, layers: li
                 topk[i] = {"topk_ids": out.topk_ids[row, :n].cpu().numpy(),
                            "topk_logprobs": out.topk_logprobs[row, :n].float().cpu().numpy(),
                            "topk_rest": out.topk_rest[row, :n].float().cpu().numpy()}
-        on_batch(int(mask.sum()))
+        on_batch(len(batch), int(mask.sum()))
     return states, topk
 
 
@@ -270,8 +270,9 @@ def head_arrays(head: LogitHead, teacher_dtype: str) -> dict[str, np.ndarray]:
 def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None = None) -> ExtractSummary:
     """Run the teacher and spaCy over `config.data` once and write (or resume) the cache at `config.out`.
 
-    `progress(event, info)` is called with ("start", {samples, tokens}), ("batch", {samples, tokens,
-    bytes}) and ("shard", {...}) so a CLI can draw a progress bar; the library prints nothing.
+    `progress(event, info)` is called with ("start", {samples, tokens, reused_shards}), ("batch",
+    {samples, tokens, bytes}) and ("shard", {index, samples, bytes}) so a CLI can draw a progress bar;
+    the library prints nothing.
     """
     report = progress or (lambda event, info: None)
     started = time.perf_counter()
@@ -314,9 +315,9 @@ def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None 
                 next_parse = parse_async(todo[position + 1][1])
             samples = [the_plan.samples[i] for i in idx]
 
-            def on_batch(n_tokens: int) -> None:
+            def on_batch(n_samples: int, n_tokens: int) -> None:
                 counters["tokens"] += n_tokens
-                report("batch", {"tokens": n_tokens, "bytes": counters["bytes"]})
+                report("batch", {"samples": n_samples, "tokens": n_tokens, "bytes": counters["bytes"]})
 
             t0 = time.perf_counter()
             states, topk = run_teacher(model, samples, config, layers, head, pad_id, device, on_batch)
