@@ -22,7 +22,7 @@ from mta_cli.encode import Encoded, encode_record
 from mta_cli.losses.schedule import default_teacher_layers
 from mta_cli.models import (ModelSource, hidden_size, load_causal_lm, load_tokenizer, n_layers, resolve_device,
                             tokenizer_fingerprint, weights_fingerprint)
-from mta_cli.records import load_records
+from mta_cli.records import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_records
 from mta_cli.segment import Segmenter, spans_to_token_ranges
 from mta_cli.losses.kd import LogitHead
 from mta_cli.teacher import output_head, teacher_forward
@@ -232,7 +232,7 @@ def cache_metadata(config: ExtractConfig, the_plan: Plan, model, layers: list[in
         "shard_size": config.shard_size,
         "segmentation": segmenter.settings,
         "data": {"sha256": the_plan.dataset.sha256, "format": the_plan.dataset.format,
-                 "skip_invalid": config.skip_invalid},
+                 "skip_invalid": config.skip_invalid, "template": prompt_template(the_plan.dataset.format, tok)},
     }
     return {
         "format_version": FORMAT_VERSION,
@@ -256,6 +256,15 @@ def cache_metadata(config: ExtractConfig, the_plan: Plan, model, layers: list[in
         "n_shards": -(-len(the_plan.samples) // config.shard_size),
         "n_tokens": the_plan.n_tokens,
     }
+
+
+def prompt_template(data_format: str, tokenizer) -> str | dict:
+    """How prompts were made: the Alpaca templates, the tokenizer's chat template, or the data's own."""
+    if data_format == "alpaca":
+        return {"with_input": ALPACA_PROMPT_WITH_INPUT, "without_input": ALPACA_PROMPT}
+    if data_format == "chat":
+        return {"chat_template": tokenizer.chat_template}
+    return "prompts templated in the data file"
 
 
 def head_arrays(head: LogitHead, teacher_dtype: str) -> dict[str, np.ndarray]:

@@ -213,6 +213,8 @@ def test_head_reproduces_logits_of_other_teachers(kind, tmp_path, bl_tok):
     summary, reader = run(folder, data, tmp_path / "cache.zarr", dtype="fp32", batch_size=2)
     model = load_causal_lm(str(folder), "fp32", "cpu")
     assert summary.samples == 3 and reader.meta["config"]["data"]["format"] == "alpaca"
+    assert reader.meta["config"]["data"]["template"] == {"with_input": ALPACA_PROMPT_WITH_INPUT,
+                                                         "without_input": ALPACA_PROMPT}
     for sample, record in zip(all_samples(reader), ALPACA, strict=True):  # the Alpaca template, its end kept
         template = ALPACA_PROMPT_WITH_INPUT if record.get("input") else ALPACA_PROMPT
         prompt = template.format(instruction=record["instruction"], input=record.get("input"))
