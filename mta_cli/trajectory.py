@@ -8,12 +8,13 @@ another one). A model compared with its own cache gives CKA 1 and DSA 0 at match
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import torch
 
 from mta_cli.cache.reader import CacheReader
-from mta_cli.losses import default_key_layers, dsa_loss, importance_weights, pool_spans
+from mta_cli.losses import dsa_loss, importance_weights, pool_spans
 from mta_cli.models import n_layers, tokenizer_fingerprint
 from mta_cli.train.batches import collate
 
@@ -28,15 +29,16 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def key_layer_pairs(model, reader: CacheReader) -> list[tuple[int, int, str]]:
-    """The schedule a student was trained with (saved in its config by `mta train`), else the default
-    schedule of method.md §6 with each teacher layer moved to the nearest layer the cache holds."""
+    """The schedule a student was trained with (saved in its config by `mta train`); otherwise each
+    cached key layer l_T with the student layer at the same relative depth, l_T * N_S / N_T rounded half up
+    (method.md §6 read backwards: a model compared with its own cache is paired layer for layer).
+    The lowest pair is word-level, the others phrase-level."""
     saved = (getattr(model.config, "mta_training", None) or {}).get("objective", {}).get("key_layers")
     if saved:
-        pairs = [tuple(p) for p in saved]
-    else:
-        n_student = n_layers(model)
-        pairs = default_key_layers(n_student, reader.meta["teacher"]["n_layers"], m=min(3, n_student))
-    return [(s, min(reader.layers, key=lambda layer: abs(layer - t)), g) for s, t, g in pairs]
+        return [tuple(p) for p in saved]
+    n_student, n_teacher = n_layers(model), reader.meta["teacher"]["n_layers"]
+    pairs = sorted({(max(1, math.floor(t * n_student / n_teacher + 0.5)), t) for t in reader.layers if t > 0})
+    return [(s, t, "word" if i == 0 else "phrase") for i, (s, t) in enumerate(pairs)]
 
 
 @torch.no_grad()
