@@ -143,7 +143,8 @@ class CacheReader:
         bias = decode_states(group["bias"][...][None], info["dtype"])[0] if "bias" in group else None
         return LogitHead(weight, bias, info["scale"], info["softcap"])
 
-    def _check_layers(self, layers: list[int] | None) -> list[int]:
+    def check_layers(self, layers: list[int] | None) -> list[int]:
+        """`layers` (all stored layers when None), or a CacheError that lists what the cache holds."""
         if layers is None:
             return self.layers
         missing = [l for l in layers if l not in self.layers]
@@ -154,7 +155,7 @@ class CacheReader:
 
     def read_shard(self, position: int, layers: list[int] | None = None) -> ShardData:
         """Decode the `position`-th complete shard whole (sequential reads, the fast path)."""
-        layers = self._check_layers(layers)
+        layers = self.check_layers(layers)
         group = self.root[shard_name(self.shard_indices[position])]
         arrays = {name: group[name][...] for name in group.array_keys()}
         for layer in layers:
@@ -174,7 +175,7 @@ class CacheReader:
         """Random access to one sample; reads only the chunks that hold it."""
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} out of range; the cache holds {len(self)} samples")
-        layers = self._check_layers(layers)
+        layers = self.check_layers(layers)
         position = int(np.searchsorted(self.shard_starts, index, side="right") - 1)
         j = index - int(self.shard_starts[position])
         group = self.root[shard_name(self.shard_indices[position])]

@@ -156,7 +156,7 @@ class CacheBatches:
         self.reader, self.batch_size, self.layers = reader, batch_size, layers
         self.student_tokenizer = student_tokenizer
         self.seed, self.pad_id, self.window, self.prefetch = seed, pad_id, max(1, window), prefetch
-        reader._check_layers(layers)
+        reader.check_layers(layers)
         self.lengths = [np.diff(reader.root[shard_name(i)]["token_ptr"][...]) for i in reader.shard_indices]
 
     def epoch_plan(self, epoch: int) -> list[tuple[list[int], list[list[int]]]]:

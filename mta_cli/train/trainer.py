@@ -187,8 +187,6 @@ def prepare(config: TrainConfig, device: torch.device) -> Run:
     if objective_config.mta:
         objective_config.key_layers = key_layers(config, n_layers(student), source.n_teacher, source.available)
     layers = sorted({source.n_teacher} | set(objective_config.teacher_layers))
-    if source.teacher_model is None:
-        source.reader._check_layers(layers)
     objective = Objective(objective_config, source.head, source.n_teacher, hidden_size(student),
                           source.teacher_dim).to(device)
     batches = source.batches(tokenizer, layers, own_tokenizer)
