@@ -69,15 +69,6 @@ class Dataset:
     skipped: list[DataError] = field(default_factory=list)  # invalid records skipped under skip_invalid
 
 
-def file_sha256(path) -> str:
-    """Hex sha256 of a file's bytes (identifies the exact data a cache was built from)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _kind(value) -> str:
     """JSON-ish name of a value's type, for error messages."""
     return {dict: "object", list: "list", str: "string", type(None): "null"}.get(type(value), type(value).__name__)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mta_cli.records import (ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, DataError, Record, file_sha256,
+from mta_cli.records import (ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, DataError, Record,
                              load_records)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "instructions.jsonl"
@@ -211,7 +211,6 @@ def test_sha256(tmp_path):
     path = write(tmp_path, [GOOD_PROMPT, GOOD_PROMPT])
     expected = hashlib.sha256(path.read_bytes()).hexdigest()
     assert load_records(path).sha256 == expected
-    assert file_sha256(path) == expected
 
 
 def test_examples_file():
