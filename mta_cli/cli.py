@@ -10,22 +10,21 @@ import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before any import of tqdm: GGUF de-quantisation draws a bare bar
 import json  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
 
 from mta_cli import __version__
 from mta_cli.cache import inspect as cache_inspect
-from mta_cli.cache.store import CacheError
 from mta_cli.cli_eval import eval_command
-from mta_cli.models import ModelLoadError
-from mta_cli.records import DataError
+from mta_cli import cli_support
+from mta_cli.cli_support import err, out, reported_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Distil LLMs with MTA: teacher and spaCy once into a cache (`extract`), "
@@ -34,16 +33,6 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check an extract
 app.add_typer(cache_app, name="cache")
 app.command("eval")(eval_command)
 
-out = Console()
-err = Console(stderr=True)
-USER_ERRORS = (DataError, CacheError, ModelLoadError, ValueError, FileNotFoundError)
-
-
-def fail(error: Exception) -> typer.Exit:
-    err.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(1)
-
-
 def print_figures(figures: dict, as_json: bool, title: str) -> None:
     """Figures as JSON (for pipelines) or as a two-column table."""
     if as_json:
@@ -51,8 +40,15 @@ def print_figures(figures: dict, as_json: bool, title: str) -> None:
         return
     table = Table(title=title, show_header=False)
     for key, value in figures.items():
-        table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
+        table.add_row(key, format_figure(value))
     out.print(table)
+
+
+def format_figure(value) -> str:
+    """Floats with 3 decimals, or 3 significant digits when small (a learning rate): 2.50e-06, not 0.000."""
+    if isinstance(value, float):
+        return f"{value:.3g}" if value and abs(value) < 0.01 else f"{value:,.3f}"
+    return str(value)
 
 
 def parse_ints(text: str | None, option: str) -> list[int] | None:
@@ -72,7 +68,9 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def main_options(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
-                                              help="print the version and exit")) -> None:
+                                              help="print the version and exit"),
+                 debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error")) -> None:
+    cli_support.debug = debug
     quiet_libraries()
 
 
@@ -111,31 +109,32 @@ def extract(
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip invalid records instead of failing"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the hub"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the estimated cache size and exit"),
+    force: bool = typer.Option(False, "--force", help="replace whatever is at --out (a non-cache folder, or a "
+                                                      "cache made with another configuration)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Run the teacher and spaCy once over a JSONL file; store key-layer states, head and spans in a Zarr cache.
 
-    Re-running the same command resumes: complete shards are kept. Example:
+    Re-running the same command resumes: complete shards are kept. One extraction per cache at a time
+    (a second one stops with a message). Example:
 
         mta extract --teacher SmolLM2-135M-Instruct.Q4_1.gguf --data examples/instructions.jsonl --out cache.zarr
     """
     from mta_cli.extract import ExtractConfig, estimate_bytes, plan
     from mta_cli.extract import extract as run_extract
 
-    try:
+    with reported_errors():
         config = ExtractConfig(
             teacher=teacher, data=str(data), out=out_path, format=format, layers=parse_ints(layers, "--layers"), dtype=dtype,
             teacher_dtype=teacher_dtype, device=device, max_length=max_length, max_prompt_length=max_prompt_length,
             batch_size=batch_size, shard_size=shard_size, top_k=top_k, spacy_model=spacy_model, words=words,
-            spacy_processes=spacy_processes, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code,
+            spacy_processes=spacy_processes, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code, force=force,
         )
         if dry_run:
             print_figures(dry_run_figures(config, plan, estimate_bytes), as_json, "mta extract --dry-run")
             return
         with ExtractProgress() as on_event:
             summary = run_extract(config, progress=on_event)
-    except USER_ERRORS as e:
-        raise fail(e) from e
     print_figures(asdict(summary), as_json, "mta extract")
 
 
@@ -168,7 +167,10 @@ class ExtractProgress:
         return self.on_event
 
     def on_event(self, event: str, info: dict) -> None:
-        if event == "start":
+        if event == "status":
+            self.progress.console.print(f"[dim]{info['message']} ...[/dim]", highlight=False) \
+                if err.is_terminal else None
+        elif event == "start":
             self.total = info["samples"]
             self.task = self.progress.add_task("extract", total=info["tokens"], samples=f"0/{self.total}",
                                                rate="", written="")
@@ -192,7 +194,8 @@ class ExtractProgress:
 def train(
     out_path: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.jsonl, final student"),
     cache: str = typer.Option(None, "--cache", help="extraction cache (offline training)"),
-    teacher: str = typer.Option(None, "--teacher", help="online baseline: live teacher (with --data)"),
+    teacher: str = typer.Option(None, "--teacher", help="with --cache: where the cache's teacher is now (checked "
+                                "by its weights fingerprint); with --data: the live teacher of the online baseline"),
     data: str = typer.Option(None, "--data", help="online baseline: JSONL records (with --teacher)"),
     student: str = typer.Option(None, "--student", help="student: HF name, folder or .gguf file"),
     init_from_teacher: bool = typer.Option(False, "--init-from-teacher", help="student = depth-pruned teacher copy"),
@@ -210,8 +213,11 @@ def train(
     lambda_hid: float = typer.Option(0.2, "--lambda-hid", min=0.0),
     student_pooling: str = typer.Option("student", "--student-pooling", help="weights pooling student spans: "
                                                                              "student or teacher"),
-    student_layers: str = typer.Option(None, "--student-layers", help="key student layers, e.g. 4,6,8"),
-    teacher_layers: str = typer.Option(None, "--teacher-layers", help="their teacher layers, e.g. 15,22,30"),
+    student_layers: str = typer.Option(None, "--student-layers", help="key student layers, e.g. 4,6,8 [default: "
+                                       "with --cache, each cached teacher layer paired with the student layer at "
+                                       "the same relative depth; online, N, N-N/4, N-N/2]"),
+    teacher_layers: str = typer.Option(None, "--teacher-layers", help="their teacher layers, e.g. 15,22,30 [default: "
+                                       "floor(l_S * N_T / N_S) of --student-layers]"),
     word_layers: int = typer.Option(1, "--word-layers", min=0, help="how many of the lowest key layers are "
                                                                      "word-level (the rest phrase-level)"),
     lr: float = typer.Option(1e-4, "--lr"),
@@ -241,7 +247,7 @@ def train(
     from mta_cli.train.trainer import TrainConfig
     from mta_cli.train.trainer import train as run_train
 
-    try:
+    with reported_errors():
         objective = ObjectiveConfig(loss=loss, kd_alpha=kd_alpha, temperature=temperature, mta=mta, topk=topk,
                                     use_dsa=not no_dsa, use_hid=not no_hid, lambda_dsa=lambda_dsa,
                                     lambda_hid=lambda_hid, student_pooling=student_pooling)
@@ -257,13 +263,15 @@ def train(
         )
         with TrainProgress() as on_event:
             summary = run_train(config, progress=on_event)
-    except USER_ERRORS as e:
-        raise fail(e) from e
     if as_json:
         out.print_json(json.dumps(asdict(summary)))
         return
     final = {f"final {k}": v for k, v in summary.final.items() if k not in ("step", "epoch")}
-    print_figures({k: v for k, v in asdict(summary).items() if k != "final"} | final, False, "mta train")
+    figures = {k: v for k, v in asdict(summary).items() if k not in ("final", "key_layers", "key_layers_from")}
+    if summary.key_layers:
+        figures["key layers (student, teacher, granularity)"] = ", ".join(
+            f"({s}, {t}, {g})" for s, t, g in summary.key_layers) + f"  [{summary.key_layers_from}]"
+    print_figures(figures | final, False, "mta train")
 
 
 class TrainProgress:
@@ -280,8 +288,12 @@ class TrainProgress:
     def on_event(self, event: str, info: dict) -> None:
         if event == "start":
             self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["step"], info="")
-            err.print(f"key layers (student, teacher, granularity): {info['key_layers']}") if info["key_layers"] \
-                and err.is_terminal else None
+            if err.is_terminal:
+                for note in info["notes"]:
+                    self.progress.console.print(note, markup=False, highlight=False)
+                if info["key_layers"]:
+                    self.progress.console.print(f"key layers (student, teacher, granularity): {info['key_layers']} "
+                                                f"[{info['key_layers_from']}]", markup=False, highlight=False)
         elif event == "step":
             parts = [f"loss {info['loss']:.4f}"] + [f"{k} {info[k]:.4f}" for k in ("ce", "kd", "dsa", "hid")
                                                      if k in info]
@@ -297,20 +309,22 @@ def prune(
     teacher: str = typer.Option(..., "--teacher", help="model to copy: HF name, folder or .gguf file"),
     keep_layers: int = typer.Option(..., "--keep-layers", min=1, help="blocks kept, evenly spaced, first and last"),
     out_path: Path = typer.Option(..., "--out", help="folder for the pruned model (HF format)"),
+    force: bool = typer.Option(False, "--force", help="replace a model already at --out"),
 ) -> None:
     """Save a depth-pruned copy of a model, the untrained student of `--init-from-teacher`.
 
     Example: `mta prune --teacher SmolLM2-135M-Instruct.Q4_1.gguf --keep-layers 8 --out students/pruned-8`
     """
     from mta_cli.models import load_tokenizer
-    from mta_cli.student import build_student
+    from mta_cli.student import build_student, check_model_output
 
-    try:
+    with reported_errors():
+        check_model_output(out_path, force)
         student = build_student(init_from_teacher=teacher, keep_layers=keep_layers)
+        if force and out_path.exists():
+            shutil.rmtree(out_path)
         student.save_pretrained(out_path)
         load_tokenizer(teacher).save_pretrained(out_path)
-    except USER_ERRORS as e:
-        raise fail(e) from e
     out.print(f"{out_path}: {keep_layers} of the teacher's layers")
 
 
@@ -321,25 +335,35 @@ def cache_info(path: str = typer.Argument(..., help="cache directory or URL"),
 
     Example: `mta cache info cache.zarr --json`
     """
-    try:
+    with reported_errors():
         figures = cache_inspect.info(path)
-    except USER_ERRORS as e:
-        raise fail(e) from e
     print_figures(figures, as_json, f"mta cache {path}")
 
 
 @cache_app.command("verify")
-def cache_verify(path: str = typer.Argument(..., help="cache directory or URL")) -> None:
-    """Check every shard: complete, row pointers consistent, shapes and dtypes as declared, no NaN/inf.
+def cache_verify(path: str = typer.Argument(..., help="cache directory or URL"),
+                 repair: bool = typer.Option(False, "--repair", help="mark every damaged or unfinished shard (and "
+                                             "a damaged head) for rewriting by the same `mta extract` command")) -> None:
+    """Check every shard: complete, every chunk present and intact (checksums), row pointers consistent, shapes
+    and dtypes as declared, no NaN/inf.
 
-    Exits 1 and lists every fault found. Example: `mta cache verify cache.zarr`
+    Exits 1 and lists every fault found. With --repair, the damaged parts lose their completion marks, so
+    that re-running the same `mta extract` rewrites exactly those. Example: `mta cache verify cache.zarr`
     """
-    faults = cache_inspect.verify(path)
-    if faults:
-        for fault in faults:
-            err.print(f"fault: {fault}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
-    out.print(f"ok: {path} verified")
+    with reported_errors():
+        found = cache_inspect.repair(path) if repair else cache_inspect.check(path)
+    for fault in found.faults:
+        err.print(f"fault: {fault}", style="red", markup=False, highlight=False, soft_wrap=True)
+    if not found.faults:
+        out.print(f"ok: {path} verified", soft_wrap=True, highlight=False)
+        return
+    if repair and (found.damaged_shards or found.damaged_head):
+        with reported_errors():
+            command = cache_inspect.extract_command(path)
+        parts = [f"{len(found.damaged_shards)} shard(s)"] + (["the head"] if found.damaged_head else [])
+        out.print(f"repaired: {' and '.join(parts)} marked for rewriting; now run:\n  {command}",
+                  markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
 
 
 @cache_app.command("show")
@@ -349,10 +373,8 @@ def cache_show(path: str = typer.Argument(..., help="cache directory or URL"),
 
     Example: `mta cache show cache.zarr --sample 3`
     """
-    try:
+    with reported_errors((IndexError,)):
         text = cache_inspect.show(path, sample)
-    except (*USER_ERRORS, IndexError) as e:
-        raise fail(e) from e
     out.print(text)
 
 

@@ -6,12 +6,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mta_cli.cache.store import CacheError
+from mta_cli.cli_support import check_writable_file, err, out, reported_errors
 from mta_cli.evaluation import DEFAULT_SEEDS, EvalError, evaluate, render_table, render_trajectory
-from mta_cli.models import ModelLoadError
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -40,6 +38,7 @@ def eval_command(
     cache: str | None = typer.Option(None, "--cache", help="extraction cache of the teacher: adds DSA and linear "
                                      "CKA per key-layer pair between each model and the cached teacher states"),
     cache_samples: int = typer.Option(64, "--cache-samples", min=1, help="cached samples used by --cache"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip invalid records instead of failing"),
 ) -> None:
     """Evaluate models on instruction data: ROUGE-L over sampling seeds, and NLL / perplexity.
 
@@ -51,26 +50,24 @@ def eval_command(
 
         mta eval --model runs/student --model teacher.gguf --data dev.jsonl --seeds 10,20 --json eval.json
     """
-    err = Console(stderr=True)
-    try:
+    with reported_errors():
         seed_list = _parse_seeds(seeds)
+        if generations is None and json_out is not None:
+            generations = json_out.with_name(json_out.stem + ".generations.jsonl")
+        check_writable_file(json_out, "--json")
+        check_writable_file(generations, "--generations")
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True, disable=not err.is_terminal) as progress:
             report = evaluate(model, data, seeds=seed_list, greedy=greedy, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, max_records=max_records, device=device, dtype=dtype,
-                              progress=progress, cache=cache, cache_samples=cache_samples)
-        Console().print(render_table(report))
+                              progress=progress, cache=cache, cache_samples=cache_samples, skip_invalid=skip_invalid)
+        out.print(render_table(report))
         if cache:
-            Console().print(render_trajectory(report))
+            out.print(render_trajectory(report))
         if json_out:
             json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
             err.print(f"figures written to {json_out}", markup=False, highlight=False)
-        if generations is None and json_out is not None:
-            generations = json_out.with_name(json_out.stem + ".generations.jsonl")
         if generations:
             report.write_generations(generations)
             err.print(f"{len(report.generations)} generations written to {generations}", markup=False,
                       highlight=False)
-    except (EvalError, ModelLoadError, CacheError, ValueError, OSError) as e:
-        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from e

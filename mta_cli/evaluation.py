@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from rich.table import Table
 
 from mta_cli import __version__
+from mta_cli.cache.reader import CacheReader
 from mta_cli.encode import encode_record
 from mta_cli.models import ModelSource, load_causal_lm, load_tokenizer, resolve_device
 from mta_cli.records import load_records
@@ -306,7 +307,7 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 8,
              max_records: int | None = None, max_length: int = 512, max_prompt_length: int = 256,
              device: str = "auto", dtype: str = "fp32", progress=None, cache: str | None = None,
-             cache_samples: int = 64) -> EvalReport:
+             cache_samples: int = 64, skip_invalid: bool = False) -> EvalReport:
     """Evaluate every model on every data file (method.md §8) and return all figures and generations.
 
     Each model is loaded once and freed before the next. Per file: one generation pass per seed (a single
@@ -314,9 +315,11 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
     records per seed, then mean and population std (ddof=0) over seeds; and the NLL / ppl of the first
     reference (`reference_nll`). `progress` is an optional `rich.progress.Progress` to report to.
     With `cache`, each model also gets trajectory diagnostics (DSA, CKA per key-layer pair) against the
-    teacher states of the cache's first `cache_samples` samples.
+    teacher states of the cache's first `cache_samples` samples. `skip_invalid` skips invalid records
+    instead of refusing the file.
     """
     _check_inputs(models, data_files, seeds, greedy)
+    reader = CacheReader(cache) if cache else None  # a damaged cache is refused now, not after generating
     runs: list[int | None] = [None] if greedy else list(seeds)
     settings = {"greedy": greedy, "seeds": None if greedy else list(seeds), "temperature": temperature,
                 "top_p": top_p, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
@@ -331,7 +334,7 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
         tokenizer = load_tokenizer(spec)
         for path in data_files:  # read (and so validate) every file before the slow model load
             if path not in datasets or datasets[path].format == "chat":
-                datasets[path] = load_records(path, tokenizer=tokenizer)
+                datasets[path] = load_records(path, tokenizer=tokenizer, skip_invalid=skip_invalid)
         model = load_causal_lm(spec, dtype=dtype, device=device)
         if progress:
             progress.remove_task(loading)
@@ -362,8 +365,8 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
                 file=path, sha256=dataset.sha256, n_records=len(records),
                 rougeL_mean=statistics.fmean(per_seed.values()), rougeL_std=statistics.pstdev(per_seed.values()),
                 rougeL_per_seed=per_seed, nll=nll, ppl=ppl, wall_s=time.perf_counter() - t0))
-        if cache:
-            result.trajectory = trajectory_diagnostics(model, tokenizer, cache, cache_samples, batch_size,
+        if reader is not None:
+            result.trajectory = trajectory_diagnostics(model, tokenizer, reader, cache_samples, batch_size,
                                                        resolve_device(device))
         report.models.append(result)
         del model

@@ -7,6 +7,7 @@ three meet only at the shard boundary, so the teacher never waits for parsing or
 
 from __future__ import annotations
 
+import errno
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -17,11 +18,12 @@ import torch
 
 from mta_cli import __version__
 from mta_cli.cache.layout import BYTES_PER_VALUE, FORMAT_VERSION, STATE_DTYPES, encode_states
-from mta_cli.cache.store import CacheError, CacheWriter
+from mta_cli.cache.store import CacheError, CacheWriter, check_output
 from mta_cli.encode import Encoded, encode_record
 from mta_cli.losses.schedule import default_teacher_layers
 from mta_cli.models import (ModelSource, hidden_size, load_causal_lm, load_tokenizer, n_layers, resolve_device,
                             tokenizer_fingerprint, weights_fingerprint)
+from mta_cli.options import check_choice, check_number
 from mta_cli.records import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_records
 from mta_cli.segment import Segmenter, spans_to_token_ranges
 from mta_cli.losses.kd import LogitHead
@@ -29,6 +31,7 @@ from mta_cli.teacher import output_head, teacher_forward
 
 # Compressed size / raw size of stored states, measured on SmolLM2-135M states (Blosc zstd 3 + shuffle).
 COMPRESSION_ESTIMATE = {"bf16": 0.78, "fp16": 0.85, "fp32": 0.9, "int8": 0.85}
+HEAD_COMPRESSION_ESTIMATE = 0.65  # SmolLM2's fp32 head: 113 MB raw, 71-75 MB stored
 
 
 @dataclass
@@ -55,6 +58,26 @@ class ExtractConfig:
     skip_invalid: bool = False
     trust_remote_code: bool = False
     seed: int = 0
+    force: bool = False           # replace whatever is at `out` instead of resuming or refusing
+
+    def __post_init__(self) -> None:
+        from mta_cli.cache.integrity import LIMITS
+        from mta_cli.records import FORMATS
+        from mta_cli.segment import WORD_MODES
+
+        check_number(self, "max_length", 2, LIMITS["max_length"], integer=True)
+        check_number(self, "max_prompt_length", 1, self.max_length - 1, integer=True)
+        check_number(self, "batch_size", 1, integer=True)
+        check_number(self, "shard_size", 1, LIMITS["shard_size"], integer=True)
+        check_number(self, "top_k", 0, LIMITS["top_k"], integer=True)
+        check_number(self, "spacy_processes", 1, 256, integer=True)
+        check_number(self, "seed", 0, 2**63 - 1, integer=True)
+        check_choice(self, "dtype", STATE_DTYPES)
+        check_choice(self, "teacher_dtype", ("fp32", "bf16", "fp16"))
+        check_choice(self, "format", ("auto", *FORMATS))
+        check_choice(self, "words", WORD_MODES)
+        if self.layers is not None and any(isinstance(l, bool) or not isinstance(l, int) for l in self.layers):
+            raise ValueError(f"--layers must be layer numbers, got {self.layers}")
 
 
 @dataclass
@@ -94,10 +117,6 @@ class Plan:
 
 def plan(config: ExtractConfig) -> Plan:
     """Load, validate and tokenize the data. Raises DataError before anything is written."""
-    if config.dtype not in STATE_DTYPES:
-        raise ValueError(f"--dtype {config.dtype!r} is not one of {', '.join(STATE_DTYPES)}")
-    if config.max_prompt_length >= config.max_length:
-        raise ValueError("--max-prompt-length must be smaller than --max-length")
     tokenizer = load_tokenizer(config.teacher, trust_remote_code=config.trust_remote_code)
     dataset = load_records(config.data, fmt=config.format, tokenizer=tokenizer, skip_invalid=config.skip_invalid)
     samples, lines, dropped = [], [], 0
@@ -113,15 +132,20 @@ def plan(config: ExtractConfig) -> Plan:
     return Plan(tokenizer, dataset, samples, lines, dropped, sum(s.truncated for s in samples))
 
 
-def estimate_bytes(config: ExtractConfig, n_tokens: int, n_teacher_layers: int, d: int, vocab: int) -> dict:
-    """Estimated cache size: per-token figures and totals, raw and after compression."""
+def estimate_bytes(config: ExtractConfig, n_tokens: int, n_teacher_layers: int, d: int, vocab: int,
+                   head_bytes: int | None = None) -> dict:
+    """Estimated cache size: per-token figures and totals, raw and after compression.
+
+    The head counts as stored: `head_bytes` when it is already written, else its raw size in the teacher's
+    precision times the compression measured on SmolLM2's head (0.63 in fp32)."""
     layers = config.layers or default_teacher_layers(n_teacher_layers)
     n_stored = len(set(layers) | {n_teacher_layers})
     per_value = BYTES_PER_VALUE[config.dtype]
     state_raw = n_stored * d * per_value + (4 * n_stored if config.dtype == "int8" else 0)
     token_raw = state_raw + 12 + (8 * config.top_k + 4 if config.top_k else 0)  # ids, offsets, top-k
     per_token = state_raw * COMPRESSION_ESTIMATE[config.dtype] + 12 * 0.5 + (8 * config.top_k + 4 if config.top_k else 0)
-    head = vocab * d * 4
+    head = head_bytes if head_bytes is not None else int(
+        vocab * d * (2 if config.teacher_dtype in ("bf16", "fp16") else 4) * HEAD_COMPRESSION_ESTIMATE)
     return {"tokens": n_tokens, "layers": sorted(set(layers) | {n_teacher_layers}), "raw_bytes_per_token": token_raw,
             "est_bytes_per_token": per_token, "head_bytes": head, "est_total_bytes": int(per_token * n_tokens + head)}
 
@@ -221,7 +245,7 @@ def cache_metadata(config: ExtractConfig, the_plan: Plan, model, layers: list[in
     text_config = model.config.get_text_config()
     tok = the_plan.tokenizer
     content = {  # decides the cache's content: must match to resume
-        "teacher": {"source": src.display, "weights_sha256": weights_fingerprint(model), "dtype": config.teacher_dtype},
+        "teacher": {"weights_sha256": weights_fingerprint(model), "dtype": config.teacher_dtype},
         "tokenizer_sha256": tokenizer_fingerprint(tok),
         "layers": layers,
         "state_dtype": config.dtype,
@@ -240,6 +264,7 @@ def cache_metadata(config: ExtractConfig, the_plan: Plan, model, layers: list[in
         "config": content,
         "teacher": {
             "source": src.display,
+            "path": src.location,  # absolute (or a hub name): a moved or copied cache still finds its teacher
             "architecture": (model.config.architectures or [type(model).__name__])[0],
             "model_type": text_config.model_type,
             "n_layers": n_layers(model),
@@ -255,6 +280,7 @@ def cache_metadata(config: ExtractConfig, the_plan: Plan, model, layers: list[in
         "n_samples": len(the_plan.samples),
         "n_shards": -(-len(the_plan.samples) // config.shard_size),
         "n_tokens": the_plan.n_tokens,
+        "extract_config": asdict(config),
     }
 
 
@@ -279,27 +305,60 @@ def head_arrays(head: LogitHead, teacher_dtype: str) -> dict[str, np.ndarray]:
 def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None = None) -> ExtractSummary:
     """Run the teacher and spaCy over `config.data` once and write (or resume) the cache at `config.out`.
 
-    `progress(event, info)` is called with ("start", {samples, tokens, reused_shards}), ("batch",
-    {samples, tokens, bytes}) and ("shard", {index, samples, bytes}) so a CLI can draw a progress bar;
-    the library prints nothing.
+    `progress(event, info)` is called with ("status", {message}) while loading, ("start", {samples, tokens,
+    reused_shards}), ("batch", {samples, tokens, bytes}) and ("shard", {index, samples, bytes}) so a CLI can
+    draw a progress bar; the library prints nothing. The output is checked before the teacher is loaded;
+    the cache is locked while it is written (one extraction per cache at a time).
     """
     report = progress or (lambda event, info: None)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
+    check_output(config.out, config.force)
+    report("status", {"message": f"reading {config.data} and tokenizing with the teacher's tokenizer"})
     the_plan = plan(config)
     device = resolve_device(config.device)
+    report("status", {"message": f"loading spaCy ({config.spacy_model})"})
+    segmenter = Segmenter(config.spacy_model, words=config.words, n_process=config.spacy_processes)
+    report("status", {"message": f"loading the teacher {config.teacher} ({config.teacher_dtype}, {device})"})
     model = load_causal_lm(config.teacher, config.teacher_dtype, str(device), config.trust_remote_code)
     layers = resolve_layers(config.layers, n_layers(model))
     head = output_head(model)
     check_head(model, head, torch.from_numpy(the_plan.samples[0].input_ids[None].astype(np.int64)).to(device))
-    segmenter = Segmenter(config.spacy_model, words=config.words, n_process=config.spacy_processes)
 
+    report("status", {"message": "fingerprinting the teacher's weights"})
     meta = cache_metadata(config, the_plan, model, layers, segmenter)
     meta["teacher"]["head"] = {"dtype": config.teacher_dtype if config.teacher_dtype in ("bf16", "fp16") else "fp32",
                                "scale": head.scale, "softcap": head.softcap, "has_bias": head.bias is not None}
-    writer = CacheWriter(config.out, meta)
-    writer.write_head(head_arrays(head, config.teacher_dtype))
+    with CacheWriter(config.out, meta, force=config.force) as writer:
+        try:
+            summary = _write_shards(config, the_plan, model, layers, head, segmenter, device, meta, writer, report)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise CacheError(disk_full_message(config, the_plan, model, writer)) from None
+            raise
+        summary.seconds = time.perf_counter() - started
+        timing = {"seconds": summary.seconds, "tokens_per_second": summary.tokens_per_second}
+        if summary.shards_reused == summary.shards:  # nothing extracted now: keep the figures of the run that did
+            timing = writer.root.attrs["mta"].get("extraction", timing)
+        writer.finish({"extraction": timing})
+    return summary
 
+
+def disk_full_message(config: ExtractConfig, the_plan: Plan, model, writer: CacheWriter) -> str:
+    """What a full disk needs: the whole cache's estimated size (head as stored), and that re-running resumes."""
+    head_bytes = writer.stored_bytes("head") if writer.complete("head") else None
+    estimate = estimate_bytes(config, the_plan.n_tokens, n_layers(model), hidden_size(model),
+                              int(model.get_output_embeddings().weight.shape[0]), head_bytes)
+    return (f"{config.out}: the disk is full. The whole cache needs about {estimate['est_total_bytes'] / 2**30:,.2f} "
+            f"GiB ({estimate['est_bytes_per_token']:,.0f} bytes/token x {the_plan.n_tokens:,} tokens + the head); "
+            "complete shards are kept: free space, then re-run the same command to resume")
+
+
+def _write_shards(config: ExtractConfig, the_plan: Plan, model, layers: list[int], head: LogitHead,
+                  segmenter: Segmenter, device: torch.device, meta: dict, writer: CacheWriter,
+                  report: Callable[[str, dict], None]) -> ExtractSummary:
+    """The shard loop (module docstring): teacher batches, spaCy and writes overlapped; returns the summary."""
+    writer.write_head(head_arrays(head, config.teacher_dtype))
     size = config.shard_size
     shards = [(k, list(range(k * size, min((k + 1) * size, len(the_plan.samples)))))
               for k in range(meta["n_shards"])]
@@ -340,16 +399,13 @@ def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None 
             pending_write.result()
         loop_seconds = time.perf_counter() - loop_started
 
-    elapsed = time.perf_counter() - started
-    summary = ExtractSummary(
+    return ExtractSummary(
         out=str(config.out), samples=len(the_plan.samples), tokens=the_plan.n_tokens, shards=len(shards),
         shards_reused=reused, skipped_invalid=len(the_plan.dataset.skipped), dropped_no_response=the_plan.dropped,
-        truncated=the_plan.truncated, layers=layers, seconds=elapsed,
+        truncated=the_plan.truncated, layers=layers, seconds=0.0,
         tokens_per_second=counters["tokens"] / loop_seconds if counters["tokens"] else 0.0,
         teacher_seconds=counters["teacher_seconds"], bytes_written=counters["bytes"],
     )
-    writer.finish({"extraction": {k: v for k, v in asdict(summary).items() if k in ("seconds", "tokens_per_second")}})
-    return summary
 
 
 def write_and_count(writer: CacheWriter, k: int, arrays: dict, attrs: dict, counters: dict, report) -> None:

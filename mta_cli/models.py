@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,25 +22,69 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says which and why."""
 
 
+DOWNLOAD_ENV = "MTA_ALLOW_DOWNLOAD"
+
+
+def downloads_allowed() -> bool:
+    """Hub names are looked up in the local Hugging Face cache only, unless MTA_ALLOW_DOWNLOAD=1: a typo then
+    fails at once instead of after a minute of network retries."""
+    return os.environ.get(DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec meant as a file or folder: absolute, relative with ./ ../ ~, more than one '/', a trailing
+    '/', or a file suffix. A hub name is `name` or `org/name`."""
+    return (spec.startswith(("/", "./", "../", "~", ".\\")) or spec in (".", "..") or spec.endswith(("/", "\\"))
+            or spec.count("/") > 1 or Path(spec).suffix in (".gguf", ".safetensors", ".bin", ".json"))
+
+
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: `path` is a hub name or folder, `gguf_file` a file name inside it."""
+    """Where a model comes from: `path` is a hub name or an absolute folder, `gguf_file` a file name inside it."""
 
     path: str
     gguf_file: str | None = None
+    spec: str = ""
 
     @classmethod
     def parse(cls, spec: str) -> "ModelSource":
-        p = Path(spec)
+        """A folder, a .gguf file or a hub name; a spec that looks like a path must exist (ModelLoadError)."""
+        spec = str(spec)
+        p = Path(spec).expanduser()
         if spec.endswith(".gguf"):
             if not p.is_file():
-                raise ModelLoadError(f"GGUF file not found: {spec}")
-            return cls(str(p.parent), p.name)
-        return cls(spec)
+                raise ModelLoadError(f"{spec}: no such GGUF file; check the path")
+            return cls(str(p.resolve().parent), p.name, spec)
+        if p.exists():
+            if not p.is_dir():
+                raise ModelLoadError(f"{spec} is a file; a model is a folder (config.json, weights, tokenizer), "
+                                     "a .gguf file or a hub name")
+            return cls(str(p.resolve()), None, spec)
+        if looks_like_path(spec):
+            raise ModelLoadError(f"{spec}: no such file or folder; check the path")
+        return cls(spec, None, spec)
+
+    @property
+    def local(self) -> bool:
+        return Path(self.path).is_dir()
 
     @property
     def display(self) -> str:
+        """The model as the user named it."""
+        return self.spec or (str(Path(self.path) / self.gguf_file) if self.gguf_file else self.path)
+
+    @property
+    def location(self) -> str:
+        """An absolute path (local models) or the hub name: what a cache stores to find the model again."""
         return str(Path(self.path) / self.gguf_file) if self.gguf_file else self.path
+
+    def load_error(self, what: str, error: Exception) -> ModelLoadError:
+        """A one-line reason why `what` (model or tokenizer) could not be loaded, and what to do."""
+        if not self.local and not downloads_allowed():
+            return ModelLoadError(f"{self.display}: no such folder, and no {what} of that name in the local Hugging "
+                                  f"Face cache. Check the path; to download it from the hub, set {DOWNLOAD_ENV}=1")
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return ModelLoadError(f"cannot load the {what} of {self.display}: {first_line}")
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -51,21 +96,16 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {name!r}; choose one of fp32, bf16, fp16") from None
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     """A fast tokenizer (offsets are required). Padding side is left to the caller."""
     from transformers import AutoTokenizer
 
     src = ModelSource.parse(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code,
+                                            local_files_only=not downloads_allowed())
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load tokenizer from {src.display}: {e}") from e
+        raise src.load_error("tokenizer", e) from None
     if not getattr(tok, "is_fast", False):
         raise ModelLoadError(f"tokenizer of {src.display} is not a fast tokenizer; mta needs offset mappings")
     if tok.pad_token_id is None:
@@ -81,10 +121,11 @@ def load_causal_lm(spec: str, dtype: str | torch.dtype = "fp32", device: str = "
     torch_dtype = resolve_dtype(dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            src.path, gguf_file=src.gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            src.path, gguf_file=src.gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            local_files_only=not downloads_allowed(),
         )
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load model from {src.display}: {e}") from e
+        raise src.load_error("model", e) from None
     if src.gguf_file:
         model = materialize(model)
     return model.to(device=resolve_device(device), dtype=torch_dtype).eval()
@@ -111,14 +152,39 @@ def tokenizer_fingerprint(tok) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def weights_fingerprint(model) -> str:
-    """sha256 over parameter names, shapes and bytes (fp32): identifies a teacher exactly."""
+def weights_fingerprint(model, dtype: str | torch.dtype | None = None) -> str:
+    """sha256 over parameter names, shapes and values (as fp32): identifies a teacher exactly.
+
+    `dtype` rounds every value to that precision first, so that a teacher extracted in bf16 and the same
+    checkpoint loaded in fp32 for training give the same fingerprint."""
+    rounding = None if dtype is None else resolve_dtype(dtype)
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        t = t.detach().to("cpu")
+        if rounding is not None and t.is_floating_point():
+            t = t.to(rounding)
+        h.update(t.to(torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N` or `mps`; a clear ModelLoadError otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {name}: this torch build sees no CUDA GPU (torch {torch.__version__}); "
+                             "use --device cpu, or install a CUDA build of torch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"--device {name!r}: mta runs on cpu, cuda or mps")
+    return device
 
 
 def n_layers(model) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,9 +53,27 @@ def prune_layers(model, keep: int):
     return model
 
 
+def check_model_output(path: Path | str, force: bool = False) -> None:
+    """Refuse to save a model at `path` when that would overwrite one (unless `force`), or cannot work (a file,
+    a file among its parents, a read-only location); before any model is loaded."""
+    path = Path(path)
+    if path.is_file():
+        raise ValueError(f"--out {path} is a file; give a folder for the model")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise ValueError(f"--out {path} already holds files; choose another --out, or pass --force to replace them")
+    parent = next(p for p in [path, *path.parents] if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f"--out {path}: {parent} is a file, so no folder can be made under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: {parent} is not writable (read-only file system or no permission)")
+
+
 def build_student(student: str | None = None, init_from_teacher: str | None = None, keep_layers: int | None = None,
-                  student_config: str | None = None, seed: int = 0, trust_remote_code: bool = False):
-    """Exactly one of: `student` (name/folder/.gguf), `init_from_teacher` + `keep_layers`, `student_config` (JSON)."""
+                  student_config: str | None = None, seed: int = 0, trust_remote_code: bool = False,
+                  check_teacher: Callable[[nn.Module], None] | None = None):
+    """Exactly one of: `student` (name/folder/.gguf), `init_from_teacher` + `keep_layers`, `student_config` (JSON).
+
+    `check_teacher(model)` sees the whole teacher before it is pruned (e.g. to check its fingerprint)."""
     chosen = [x is not None for x in (student, init_from_teacher, student_config)]
     if sum(chosen) != 1:
         raise ValueError("give exactly one of --student, --init-from-teacher (with --keep-layers) or --student-config")
@@ -62,7 +82,10 @@ def build_student(student: str | None = None, init_from_teacher: str | None = No
     if init_from_teacher is not None:
         if keep_layers is None:
             raise ValueError("--init-from-teacher needs --keep-layers K")
-        return prune_layers(load_causal_lm(init_from_teacher, "fp32", "cpu", trust_remote_code), keep_layers).train()
+        teacher = load_causal_lm(init_from_teacher, "fp32", "cpu", trust_remote_code)
+        if check_teacher is not None:
+            check_teacher(teacher)
+        return prune_layers(teacher, keep_layers).train()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(student_config)

@@ -8,13 +8,12 @@ another one). A model compared with its own cache gives CKA 1 and DSA 0 at match
 
 from __future__ import annotations
 
-import math
 import statistics
 
 import torch
 
 from mta_cli.cache.reader import CacheReader
-from mta_cli.losses import dsa_loss, importance_weights, pool_spans
+from mta_cli.losses import dsa_loss, importance_weights, pair_teacher_layers, pool_spans
 from mta_cli.models import n_layers, tokenizer_fingerprint
 from mta_cli.train.batches import collate
 
@@ -29,23 +28,20 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def key_layer_pairs(model, reader: CacheReader) -> list[tuple[int, int, str]]:
-    """The schedule a student was trained with (saved in its config by `mta train`); otherwise each
-    cached key layer l_T with the student layer at the same relative depth, l_T * N_S / N_T rounded half up
-    (method.md §6 read backwards: a model compared with its own cache is paired layer for layer).
-    The lowest pair is word-level, the others phrase-level."""
+    """The schedule a student was trained with (saved in its config by `mta train`); otherwise the default
+    schedule of `mta train` for this cache: each cached teacher layer with the student layer at the same
+    relative depth (`pair_teacher_layers`; a model compared with its own cache is paired layer for layer)."""
     saved = (getattr(model.config, "mta_training", None) or {}).get("objective", {}).get("key_layers")
     if saved:
         return [tuple(p) for p in saved]
-    n_student, n_teacher = n_layers(model), reader.meta["teacher"]["n_layers"]
-    pairs = sorted({(max(1, math.floor(t * n_student / n_teacher + 0.5)), t) for t in reader.layers if t > 0})
-    return [(s, t, "word" if i == 0 else "phrase") for i, (s, t) in enumerate(pairs)]
+    return pair_teacher_layers(reader.layers, n_layers(model), reader.meta["teacher"]["n_layers"])
 
 
 @torch.no_grad()
-def trajectory_diagnostics(model, tokenizer, cache: str, max_samples: int = 64, batch_size: int = 8,
+def trajectory_diagnostics(model, tokenizer, cache: str | CacheReader, max_samples: int = 64, batch_size: int = 8,
                            device: torch.device | str = "cpu") -> list[dict]:
     """Per key-layer pair: {"student_layer", "teacher_layer", "granularity", "dsa", "cka", "samples"}."""
-    reader = CacheReader(cache)
+    reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
     pairs = key_layer_pairs(model, reader)
     own_tokenizer = tokenizer_fingerprint(tokenizer) != reader.meta["config"]["tokenizer_sha256"]
     samples = [reader.sample(i, [t for _, t, _ in pairs]) for i in range(min(max_samples, len(reader)))]

@@ -91,6 +91,8 @@ class Interrupt:
         self.at, self.batches, self.events = at, 0, []
 
     def __call__(self, event: str, info: dict) -> None:
+        if event == "status":
+            return
         self.events.append((event, dict(info)))
         if event == "batch":
             self.batches += 1
@@ -129,7 +131,8 @@ def test_interrupted_extraction_resumes_to_an_identical_cache(at, tmp_path, tiny
         assert "shards/00001: not marked complete" in cache_inspect.verify(str(out))
 
     events = []
-    summary = extract(config(tiny_teacher_dir, data_file, out), progress=lambda e, i: events.append((e, i)))
+    summary = extract(config(tiny_teacher_dir, data_file, out),
+                      progress=lambda e, i: events.append((e, i)) if e != "status" else None)
     assert summary.shards_reused == 1 and summary.shards == 3 and summary.samples == N_SAMPLES
     assert events[0][0] == "start" and events[0][1]["reused_shards"] == 1 and events[0][1]["samples"] == 5
     assert [i["index"] for e, i in events if e == "shard"] == [1, 2]
@@ -240,26 +243,15 @@ def token_ptr_decreasing(cache: Path) -> list[str]:
     return ["shards/00001: token_ptr: not a valid row pointer for 3 samples"]
 
 
-def tokens_without(cache: Path, k: int) -> tuple[int, int]:
-    """(tokens of the shards other than k, tokens of all shards) per the cache's metadata."""
-    root = zarr.open_group(str(cache), mode="r")
-    total = root.attrs["mta"]["n_tokens"]
-    return total - root[f"shards/{k:05d}"].attrs["n_tokens"], total
-
-
 def missing_shard(cache: Path) -> list[str]:
-    kept, total = tokens_without(cache, 2)
     shutil.rmtree(cache / "shards/00002")
-    return ["shards/00002: missing", "shards hold 6 samples, metadata says 8",
-            f"shards hold {kept} tokens, metadata says {total}"]
+    return ["shards/00002: missing"]
 
 
 def incomplete_shard(cache: Path) -> list[str]:
-    kept, total = tokens_without(cache, 1)
     group = zarr.open_group(str(cache / "shards/00001"), mode="r+")
     group.attrs["complete"] = False
-    return ["shards/00001: not marked complete", "shards hold 5 samples, metadata says 8",
-            f"shards hold {kept} tokens, metadata says {total}"]
+    return ["shards/00001: not marked complete"]
 
 
 def missing_layer(cache: Path) -> list[str]:

@@ -1,15 +1,18 @@
-"""`mta cache info | verify | show`: what a cache holds, whether it is sound, and one sample's spans."""
+"""`mta cache info | verify [--repair] | show`: what a cache holds, whether it is sound, and one sample's spans."""
 
 from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
 from rich.text import Text
 
-from mta_cli.cache.layout import storage_dtype
+from mta_cli.cache.integrity import CacheIntegrityError, survey
+from mta_cli.cache.layout import shard_name
 from mta_cli.cache.reader import POINTERS, RAGGED, CacheReader
 from mta_cli.cache.store import CacheError, open_root
-from mta_cli.cache.layout import shard_name
 
 
 def _arrays(group: zarr.Group):
@@ -20,7 +23,7 @@ def _arrays(group: zarr.Group):
 
 
 def info(url: str) -> dict:
-    """Summary figures of a cache (JSON-able)."""
+    """Summary figures of a cache (JSON-able); damaged or unfinished shards are left out of the counts."""
     reader = CacheReader(url, allow_incomplete=True)
     meta = reader.meta
     stored = raw = shard_stored = 0
@@ -31,16 +34,16 @@ def info(url: str) -> dict:
             shard_stored += size
             raw += array.nbytes
     n_words = n_phrases = 0
-    for position in range(len(reader.shard_indices)):
-        group = reader.root[shard_name(reader.shard_indices[position])]
-        n_words += group["words"].shape[0]
-        n_phrases += group["phrases"].shape[0]
-    n_samples, n_tokens = len(reader), int(sum(
-        reader.root[shard_name(i)].attrs["n_tokens"] for i in reader.shard_indices))
+    for index in reader.shard_indices:
+        arrays = reader.root[shard_name(index)].attrs["arrays"]
+        n_words += arrays["words"]["shape"][0]
+        n_phrases += arrays["phrases"]["shape"][0]
+    n_samples, n_tokens = len(reader), sum(reader.shard_tokens)
     teacher = meta["teacher"]
     return {
         "path": reader.url,
         "complete": bool(meta.get("complete")),
+        "faults": len(reader.survey.faults()),
         "samples": n_samples,
         "tokens": n_tokens,
         "shards": f"{len(reader.shard_indices)}/{meta['n_shards']}",
@@ -62,56 +65,108 @@ def info(url: str) -> dict:
     }
 
 
+@dataclass
+class Verification:
+    """The outcome of `verify`: every fault, and which groups hold one (what `repair` resets)."""
+
+    faults: list[str]
+    damaged_shards: list[int] = field(default_factory=list)
+    damaged_head: bool = False
+
+
 def verify(url: str) -> list[str]:
     """Every fault found in the cache, as precise messages; empty when the cache is sound."""
+    return check(url).faults
+
+
+def check(url: str) -> Verification:
+    """The cheap survey of `integrity`, then every chunk of every sound shard and of the head decoded:
+    checksums, row pointers, token ranges, NaN / inf."""
     try:
         root = open_root(url, mode="r")
+        found = survey(root, url)
     except CacheError as e:
-        return [str(e)]
-    meta = root.attrs.get("mta")
-    if meta is None:
-        return [f"{url}: no 'mta' metadata; not an mta cache"]
-    faults = []
-    if not meta.get("complete"):
-        faults.append("cache not marked complete: extraction did not finish (re-run it to resume)")
-    teacher, config = meta["teacher"], meta["config"]
+        return Verification([str(e)])
+    except CacheIntegrityError as e:
+        return Verification([f"{url}: {e}"])
+    meta = found.meta
+    config, teacher = meta["config"], meta["teacher"]
     d, vocab = teacher["hidden_size"], teacher["vocab_size"]
-    expected_dtype = storage_dtype(config["state_dtype"])
-    try:
-        weight = root["head/weight"]
-        if weight.shape != (vocab, d):
-            faults.append(f"head/weight: shape {weight.shape}, expected {(vocab, d)}")
-        weight[...]
-    except Exception as e:  # noqa: BLE001 - any read failure is a fault to report
-        faults.append(f"head/weight: unreadable ({type(e).__name__}: {e})")
-    samples = tokens = 0
-    for k in range(meta["n_shards"]):
-        name = shard_name(k)
-        if name not in root:
-            faults.append(f"{name}: missing")
-            continue
-        group = root[name]
-        if not group.attrs.get("complete"):
-            faults.append(f"{name}: not marked complete")
-            continue
+    damaged = {s.index for s in found.shards if not s.sound}
+    for shard in found.sound_shards:
+        group = root[shard_name(shard.index)]
         try:
-            faults += [f"{name}: {f}" for f in _verify_shard(group, config, d, vocab, expected_dtype)]
+            shard.faults += _verify_shard(group, config, d, vocab)
         except Exception as e:  # noqa: BLE001 - a truncated or altered chunk fails to decode
-            faults.append(f"{name}: unreadable ({type(e).__name__}: {e})")
-        samples += int(group.attrs["n_samples"])
-        tokens += int(group.attrs["n_tokens"])
-    if samples != meta["n_samples"]:
-        faults.append(f"shards hold {samples} samples, metadata says {meta['n_samples']}")
-    if tokens != meta["n_tokens"]:
-        faults.append(f"shards hold {tokens} tokens, metadata says {meta['n_tokens']}")
-    return faults
+            shard.faults.append(f"unreadable ({type(e).__name__}: {e})")
+        if shard.faults:
+            damaged.add(shard.index)
+    if not found.head_faults:
+        for name in root["head"].attrs["arrays"]:
+            try:
+                values = root["head"][name][...]
+            except Exception as e:  # noqa: BLE001 - as above
+                found.head_faults.append(f"{name}: unreadable ({type(e).__name__}: {e})")
+                continue
+            if not _finite(values, meta["teacher"]["head"]["dtype"]):
+                found.head_faults.append(f"{name}: contains NaN or inf")
+    faults = found.faults()
+    if found.sound_shards and len(found.sound_shards) == meta["n_shards"] and not damaged:
+        tokens = sum(s.n_tokens for s in found.shards)
+        if tokens != meta["n_tokens"]:
+            faults.append(f"shards hold {tokens} tokens, metadata says {meta['n_tokens']}")
+    return Verification(faults, sorted(damaged), bool(found.head_faults))
 
 
-def _verify_shard(group: zarr.Group, config: dict, d: int, vocab: int, expected_dtype) -> list[str]:
-    a, faults = {}, []
-    for name, array in group.arrays():
+def repair(url: str) -> Verification:
+    """Remove the completion marks of every damaged or unfinished shard (and of a damaged head) so that
+    re-running the same `mta extract` rewrites exactly those. A shard whose own metadata is unreadable is
+    removed whole. Returns what `check` found before the repair."""
+    found = check(url)
+    if not found.damaged_shards and not found.damaged_head:
+        return found
+    root = open_root(url, mode="a")
+    for index in found.damaged_shards:
+        name = shard_name(index)
         try:
-            a[name] = array[...]
+            root[name].attrs["complete"] = False
+        except (ValueError, KeyError, OSError):  # its zarr.json is unreadable: nothing in it is trusted
+            del root[name]
+    if found.damaged_head:
+        try:
+            root["head"].attrs["complete"] = False
+        except (ValueError, KeyError, OSError):
+            del root["head"]
+    root.attrs["mta"] = {**root.attrs["mta"], "complete": False}
+    return found
+
+
+def extract_command(url: str) -> str:
+    """The `mta extract` command that made the cache at `url` (from its stored settings), to re-run after a
+    repair; options left at their defaults are omitted."""
+    from mta_cli.extract import ExtractConfig
+
+    stored = open_root(url, mode="r").attrs["mta"].get("extract_config") or {}
+    defaults = ExtractConfig(teacher="", data="", out="")
+    parts = ["mta extract"]
+    for key, value in stored.items():
+        if key in ("teacher", "data", "out") or value != getattr(defaults, key, value):
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                parts.append(flag)
+            elif isinstance(value, list):
+                parts += [flag, ",".join(map(str, value))]
+            else:
+                parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def _verify_shard(group: zarr.Group, config: dict, d: int, vocab: int) -> list[str]:
+    """Decode every array of a shard and check its contents (the manifest was checked by the survey)."""
+    a, faults = {}, []
+    for name in group.attrs["arrays"]:
+        try:
+            a[name] = group[name][...]
         except Exception as e:  # noqa: BLE001 - a truncated or altered chunk fails to decode: name the array
             faults.append(f"{name}: unreadable ({type(e).__name__}: {e})")
     if faults:
@@ -141,26 +196,11 @@ def _verify_shard(group: zarr.Group, config: dict, d: int, vocab: int, expected_
             faults.append(f"{kind}_tokens: a span's token range lies outside its sample")
     if np.any(a["n_prompt_tokens"] >= tokens_per_sample):
         faults.append("n_prompt_tokens: a sample has no response token")
-    states = group["states"]
     for layer in config["layers"]:
-        key = str(layer)
-        if key not in states:
-            faults.append(f"states/{layer}: missing")
-            continue
-        try:
-            values = states[key][...]
-            scale = states[f"{key}.scale"][...] if config["state_dtype"] == "int8" else None
-        except Exception as e:  # noqa: BLE001 - as above
-            faults.append(f"states/{layer}: unreadable ({type(e).__name__}: {e})")
-            continue
-        if values.shape != (n_tokens, d) or values.dtype != expected_dtype:
-            faults.append(f"states/{layer}: {values.dtype}{list(values.shape)}, expected {expected_dtype}{[n_tokens, d]}")
-            continue
-        if not _finite(values, config["state_dtype"]):
+        if not _finite(a[f"states/{layer}"], config["state_dtype"]):
             faults.append(f"states/{layer}: contains NaN or inf")
-        if scale is not None and scale.shape != (n_tokens,):
-            faults.append(f"states/{layer}.scale: shape {list(scale.shape)}, expected [{n_tokens}]")
-        elif scale is not None and not np.isfinite(scale).all():
+        scale = a.get(f"states/{layer}.scale")
+        if scale is not None and not np.isfinite(scale).all():
             faults.append(f"states/{layer}.scale: contains NaN or inf")
     return faults
 

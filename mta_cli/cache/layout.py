@@ -16,7 +16,9 @@ A cache is a Zarr v3 group:
         words / phrases int32 [K, 2] char spans; *_tokens int32 [K, 2] teacher token ranges;
         *_labels uint8 [K]; word_ptr / phrase_ptr int64 [n+1]
         topk_ids int32 [T, k], topk_logprobs float32 [T, k], topk_rest float32 [T]   (only with --top-k)
-    A shard's group attrs get {"complete": true, ...} only after all its arrays are written.
+    A shard's group attrs get {"arrays": manifest, "complete": true, ...} only after a listing of the store
+    shows every array of the manifest (shape, dtype, number of stored chunk objects) present; the head
+    group gets the same. See `cache.integrity`.
 """
 
 from __future__ import annotations
@@ -25,14 +27,44 @@ import numpy as np
 import torch
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-shard and head manifests (chunk presence), absolute teacher path
 STATE_DTYPES = ("bf16", "fp16", "fp32", "int8")
 BYTES_PER_VALUE = {"bf16": 2, "fp16": 2, "fp32": 4, "int8": 1}
 INNER_CHUNK_ROWS = 4096  # rows decoded together when one sample is read at random
 
 
+PER_SAMPLE_ARRAYS = {"prompt_chars": np.int32, "source_line": np.int32, "n_prompt_tokens": np.int32}
+POINTER_ARRAYS = {"text_ptr": np.int64, "token_ptr": np.int64, "word_ptr": np.int64, "phrase_ptr": np.int64}
+PER_TOKEN_ARRAYS = {"input_ids": (np.int32, ()), "offsets": (np.int32, (2,))}
+PER_SPAN_ARRAYS = {"{kind}s": (np.int32, (2,)), "{kind}_tokens": (np.int32, (2,)), "{kind}_labels": (np.uint8, ())}
+SPAN_KINDS = ("word", "phrase")
+
+
 def shard_name(index: int) -> str:
     return f"shards/{index:05d}"
+
+
+def promised_arrays(n_samples: int, n_tokens: int, hidden: int, layers: list[int], state_dtype: str,
+                    top_k: int) -> dict[str, tuple[np.dtype, tuple[int | None, ...]]]:
+    """Every array a shard of `n_samples` samples and `n_tokens` tokens must hold: name -> (dtype, shape).
+
+    A None dimension is ragged (text bytes, spans): its length comes from the shard's row pointers.
+    """
+    arrays = {name: (np.dtype(t), (n_samples,)) for name, t in PER_SAMPLE_ARRAYS.items()}
+    arrays |= {name: (np.dtype(t), (n_samples + 1,)) for name, t in POINTER_ARRAYS.items()}
+    arrays |= {name: (np.dtype(t), (n_tokens, *rest)) for name, (t, rest) in PER_TOKEN_ARRAYS.items()}
+    arrays["text_bytes"] = (np.dtype(np.uint8), (None,))
+    for kind in SPAN_KINDS:
+        arrays |= {name.format(kind=kind): (np.dtype(t), (None, *rest)) for name, (t, rest) in PER_SPAN_ARRAYS.items()}
+    for layer in layers:
+        arrays[f"states/{layer}"] = (storage_dtype(state_dtype), (n_tokens, hidden))
+        if state_dtype == "int8":
+            arrays[f"states/{layer}.scale"] = (np.dtype(np.float32), (n_tokens,))
+    if top_k:
+        arrays |= {"topk_ids": (np.dtype(np.int32), (n_tokens, top_k)),
+                   "topk_logprobs": (np.dtype(np.float32), (n_tokens, top_k)),
+                   "topk_rest": (np.dtype(np.float32), (n_tokens,))}
+    return arrays
 
 
 def compressors(typesize: int) -> list:

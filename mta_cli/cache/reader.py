@@ -14,8 +14,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import zarr
 
 from mta_cli.cache.layout import decode_states, shard_name
+from mta_cli.cache.integrity import REPAIR_HINT, CacheIntegrityError, manifest_faults, store_keys, survey
 from mta_cli.cache.store import CacheError, open_root
 from mta_cli.losses.kd import LogitHead
 
@@ -106,30 +108,38 @@ class ShardData:
 class CacheReader:
     """Read-only view of a cache at a local path or fsspec URL.
 
-    Refuses a cache whose extraction has not finished unless `allow_incomplete` (then only its
-    complete shards are visible).
+    Opening it checks the cache against its metadata (`integrity.survey`: format version, declared sizes,
+    every promised shard present, complete and holding every array and chunk of its manifest, the head
+    likewise) and refuses a damaged or unfinished cache with the fault and the remedy. With
+    `allow_incomplete` (inspection) only the sound complete shards are visible instead.
     """
 
     def __init__(self, url: str, allow_incomplete: bool = False):
         self.url = str(url)
         self.root = open_root(self.url, mode="r")
-        meta = self.root.attrs.get("mta")
-        if meta is None:
-            raise CacheError(f"{self.url} is not an mta cache (no 'mta' metadata in its zarr.json)")
-        if not meta.get("complete") and not allow_incomplete:
-            raise CacheError(f"{self.url}: extraction did not finish; re-run the same `mta extract` command to resume it")
+        try:
+            found = survey(self.root, self.url)
+        except CacheIntegrityError as e:
+            raise CacheError(f"{self.url}: {e}") from None
+        meta = found.meta
+        if not allow_incomplete:
+            faults = found.faults()
+            if not meta.get("complete"):
+                raise CacheError(f"{self.url}: extraction did not finish; re-run the same `mta extract` command "
+                                 "to resume it")
+            if faults:
+                listed = "\n  ".join(faults[:5]) + (f"\n  ... and {len(faults) - 5} more" if len(faults) > 5 else "")
+                raise CacheError(f"{self.url} is damaged:\n  {listed}\nTo fix it, "
+                                 + REPAIR_HINT.format(url=self.url) + ".")
         self.meta = meta
+        self.survey = found
         self.layers: list[int] = list(meta["config"]["layers"])
         self.state_dtype: str = meta["config"]["state_dtype"]
-        self.shard_indices = [i for i in range(meta["n_shards"]) if self._shard_complete(i)]
-        self.shard_sizes = [int(self.root[shard_name(i)].attrs["n_samples"]) for i in self.shard_indices]
+        sound = found.sound_shards
+        self.shard_indices = [s.index for s in sound]
+        self.shard_sizes = [s.n_samples for s in sound]
+        self.shard_tokens = [s.n_tokens for s in sound]
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
-
-    def _shard_complete(self, index: int) -> bool:
-        try:
-            return bool(self.root[shard_name(index)].attrs.get("complete"))
-        except KeyError:
-            return False
 
     def __len__(self) -> int:
         return int(self.shard_starts[-1])
@@ -138,10 +148,30 @@ class CacheReader:
     def head(self) -> LogitHead:
         """The teacher's output head: weight [V, d] and bias [V] | None as float32, scale, softcap."""
         info = self.meta["teacher"]["head"]
-        group = self.root["head"]
-        weight = decode_states(group["weight"][...], info["dtype"])
-        bias = decode_states(group["bias"][...][None], info["dtype"])[0] if "bias" in group else None
+        group = self._checked_group("head")
+        weight = decode_states(self._read(group, "weight"), info["dtype"])
+        bias = decode_states(self._read(group, "bias")[None], info["dtype"])[0] if info["has_bias"] else None
         return LogitHead(weight, bias, info["scale"], info["softcap"])
+
+    def _checked_group(self, name: str) -> zarr.Group:
+        """The group `name` after checking that the store still holds every chunk of its manifest
+        (an absent chunk would read as zeros)."""
+        group = self.root[name]
+        faults = manifest_faults(group.attrs.get("arrays"), store_keys(group),
+                                 {k: (np.dtype(v["dtype"]), tuple(v["shape"])) for k, v in
+                                  (group.attrs.get("arrays") or {}).items()})
+        if faults:
+            raise CacheError(f"{self.url}: {name}: {faults[0]}; the cache is damaged. To fix it, "
+                             + REPAIR_HINT.format(url=self.url) + ".")
+        return group
+
+    def _read(self, group: zarr.Group, name: str, selection=Ellipsis) -> np.ndarray:
+        """group[name][selection], or a CacheError naming the shard, the array and the remedy."""
+        try:
+            return group[name][selection]
+        except Exception as e:  # noqa: BLE001 - checksum mismatch, truncated chunk, codec error: all one fault
+            raise CacheError(f"{self.url}: {group.path}/{name}: unreadable ({type(e).__name__}: {e}); the cache is "
+                             "damaged. To fix it, " + REPAIR_HINT.format(url=self.url) + ".") from None
 
     def check_layers(self, layers: list[int] | None) -> list[int]:
         """`layers` (all stored layers when None), or a CacheError that lists what the cache holds."""
@@ -156,13 +186,20 @@ class CacheReader:
     def read_shard(self, position: int, layers: list[int] | None = None) -> ShardData:
         """Decode the `position`-th complete shard whole (sequential reads, the fast path)."""
         layers = self.check_layers(layers)
-        group = self.root[shard_name(self.shard_indices[position])]
-        arrays = {name: group[name][...] for name in group.array_keys()}
-        for layer in layers:
-            arrays[f"states/{layer}"] = group[f"states/{layer}"][...]
-            if self.state_dtype == "int8":
-                arrays[f"states/{layer}.scale"] = group[f"states/{layer}.scale"][...]
+        group = self._checked_group(shard_name(self.shard_indices[position]))
+        arrays = {name: self._read(group, name) for name in group.array_keys()}
+        for name in self._state_arrays(layers):
+            arrays[name] = self._read(group, name)
         return ShardData(arrays, int(self.shard_starts[position]), layers, self.state_dtype)
+
+    def sample_lengths(self, position: int) -> np.ndarray:
+        """Token counts [n] of the samples of the `position`-th complete shard (its row pointer only)."""
+        group = self.root[shard_name(self.shard_indices[position])]
+        return np.diff(self._read(group, "token_ptr"))
+
+    def _state_arrays(self, layers: list[int]) -> list[str]:
+        scale = self.state_dtype == "int8"
+        return [name for layer in layers for name in [f"states/{layer}"] + ([f"states/{layer}.scale"] if scale else [])]
 
     def iter_shards(self, layers: list[int] | None = None) -> Iterator[ShardData]:
         for position in range(len(self.shard_indices)):
@@ -178,18 +215,16 @@ class CacheReader:
         layers = self.check_layers(layers)
         position = int(np.searchsorted(self.shard_starts, index, side="right") - 1)
         j = index - int(self.shard_starts[position])
-        group = self.root[shard_name(self.shard_indices[position])]
-        pointers = {p: group[p][j:j + 2] for p in POINTERS}
+        group = self._checked_group(shard_name(self.shard_indices[position]))
+        pointers = {p: self._read(group, p, slice(j, j + 2)) for p in POINTERS}
         arrays: dict[str, np.ndarray] = {p: np.array([0, v[1] - v[0]]) for p, v in pointers.items()}
         for name in group.array_keys():
             if name in RAGGED:
                 lo, hi = pointers[RAGGED[name]]
-                arrays[name] = group[name][lo:hi]
+                arrays[name] = self._read(group, name, slice(lo, hi))
             elif name in PER_SAMPLE:
-                arrays[name] = group[name][j:j + 1]
+                arrays[name] = self._read(group, name, slice(j, j + 1))
         lo, hi = pointers["token_ptr"]
-        for layer in layers:
-            arrays[f"states/{layer}"] = group[f"states/{layer}"][lo:hi]
-            if self.state_dtype == "int8":
-                arrays[f"states/{layer}.scale"] = group[f"states/{layer}.scale"][lo:hi]
+        for name in self._state_arrays(layers):
+            arrays[name] = self._read(group, name, slice(lo, hi))
         return ShardData(arrays, index, layers, self.state_dtype)[0]

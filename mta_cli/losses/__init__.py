@@ -21,7 +21,7 @@ from mta_cli.losses.mta import (
     pool_spans,
     span_membership,
 )
-from mta_cli.losses.schedule import default_key_layers, default_teacher_layers
+from mta_cli.losses.schedule import default_key_layers, default_teacher_layers, pair_teacher_layers
 
 __all__ = [
     "DIVERGENCES",
@@ -39,6 +39,7 @@ __all__ = [
     "js",
     "kd_loss",
     "kd_loss_from_logits",
+    "pair_teacher_layers",
     "pool_spans",
     "reverse_kl",
     "skew_forward_kl",

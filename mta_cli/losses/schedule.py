@@ -5,6 +5,8 @@ Layers use HF `output_hidden_states` indexing: 0 = embeddings output, N = last l
 
 from __future__ import annotations
 
+import math
+
 
 def default_key_layers(n_student: int, n_teacher: int, m: int = 3, stride: int | None = None) -> list[tuple[int, int, str]]:
     """m student layers taken top-down with a stride, each paired with its teacher layer.
@@ -45,3 +47,25 @@ def default_teacher_layers(n_teacher: int) -> list[int]:
     if n_teacher < 1:
         raise ValueError(f"n_teacher must be >= 1, got {n_teacher}")
     return sorted({layer for layer in (n_teacher // 2, (3 * n_teacher) // 4, n_teacher) if layer >= 1})
+
+
+def pair_teacher_layers(teacher_layers: list[int], n_student: int, n_teacher: int) -> list[tuple[int, int, str]]:
+    """Each teacher layer (>= 1) with the student layer at the same relative depth, distinct and ascending.
+
+    Top-down, as method.md §6 picks student layers: the highest teacher layer gets the student layer
+    nearest t * N_S / N_T (rounded half up, at least 1); each lower one the nearest layer below the one
+    just taken. A teacher layer left without a free student layer is dropped (a student shallower than
+    the list). The lowest pair is word-level, the others phrase-level. (30 layers, [15, 22, 30], 8) ->
+    [(4, 15, "word"), (6, 22, "phrase"), (8, 30, "phrase")], the method's default for that student.
+    """
+    if n_student < 1 or n_teacher < 1:
+        raise ValueError(f"layer counts must be >= 1, got n_student={n_student}, n_teacher={n_teacher}")
+    pairs, ceiling = [], n_student + 1
+    for t in sorted({t for t in teacher_layers if t >= 1}, reverse=True):
+        s = min(max(1, math.floor(t * n_student / n_teacher + 0.5)), ceiling - 1)
+        if s < 1:
+            break
+        pairs.append((s, t))
+        ceiling = s
+    pairs.reverse()
+    return [(s, t, "word" if i == 0 else "phrase") for i, (s, t) in enumerate(pairs)]

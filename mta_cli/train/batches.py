@@ -20,7 +20,6 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mta_cli.cache.layout import shard_name
 from mta_cli.cache.reader import CachedSample, CacheReader, ShardData
 from mta_cli.encode import Encoded, encode_record
 from mta_cli.records import Record
@@ -157,7 +156,7 @@ class CacheBatches:
         self.student_tokenizer = student_tokenizer
         self.seed, self.pad_id, self.window, self.prefetch = seed, pad_id, max(1, window), prefetch
         reader.check_layers(layers)
-        self.lengths = [np.diff(reader.root[shard_name(i)]["token_ptr"][...]) for i in reader.shard_indices]
+        self.lengths = [reader.sample_lengths(p) for p in range(len(reader.shard_indices))]
 
     def epoch_plan(self, epoch: int) -> list[tuple[list[int], list[list[int]]]]:
         """[(shard positions of a window, batches of global sample indices)] for one epoch."""
