@@ -30,7 +30,8 @@ from mta_cli.student import build_student, evenly_spaced, prune_layers
 from mta_cli.train import trainer
 from mta_cli.train.batches import collate
 from mta_cli.train.objective import Objective, ObjectiveConfig
-from mta_cli.train.trainer import TrainConfig, key_layers, train
+from mta_cli.train.source import key_layers
+from mta_cli.train.trainer import TrainConfig, train
 from tests import tiny
 
 RECORDS = tiny.RECORDS
@@ -139,7 +140,7 @@ def test_objective_equals_hand_computed_value(loss, alpha, temperature, reader, 
 def test_dsa_is_zero_when_the_student_is_the_teacher(reader, teacher, cache_head):
     pad = reader.meta["tokenizer"]["pad_token_id"]
     batch = collate([reader[i] for i in (0, 2, 5)], pad)
-    schedule = key_layers(TrainConfig(out="-", student_layers=[2, 3, 4], teacher_layers=[2, 3, 4]), 4, 4, reader.layers)
+    schedule, _ = key_layers([2, 3, 4], [2, 3, 4], 1, 4, 4, reader.layers, cached=True)
     assert schedule == [(2, 2, "word"), (3, 3, "phrase"), (4, 4, "phrase")]
     same = copy.deepcopy(teacher).train()
     objective = Objective(ObjectiveConfig(loss="fkl", mta=True, key_layers=schedule), cache_head, 4, 48, 48)
@@ -177,7 +178,7 @@ def small_config(tmp_path_factory, bl_tok) -> Path:
 def test_dsa_with_a_student_of_another_hidden_size(reader, cache_head, small_config):
     student = build_student(student_config=str(small_config), seed=0)
     assert student.config.hidden_size == 32 and student.training
-    schedule = key_layers(TrainConfig(out="-"), 2, 4, reader.layers)
+    schedule, _ = key_layers(None, None, 1, 2, 4, reader.layers, cached=False)
     assert schedule == [(1, 2, "word"), (2, 4, "phrase")]
     objective = Objective(ObjectiveConfig(loss="srkl", mta=True, key_layers=schedule), cache_head, 4, 32, 48)
     assert [tuple(p.weight.shape) for p in objective.mta.projectors] == [(48, 32), (48, 32)]
@@ -265,7 +266,8 @@ def test_interrupt_leaves_the_last_checkpoint(llama_runs):
     assert [m["step"] for m in after["metrics"]] == [1, 2, 3, 4]  # step 4 was reported, then interrupted
     start, *steps = llama_runs["events"]
     assert start[0] == "start" and start[1]["total_steps"] == 5 and start[1]["step"] == 0
-    assert start[1]["key_layers"] == [(1, 2, "word"), (2, 4, "phrase")]
+    # the cache holds teacher layers 2, 3, 4: the 2-layer student gets 3 and 4, at its own relative depths
+    assert start[1]["key_layers"] == [(1, 3, "word"), (2, 4, "phrase")]
     assert [(e, i["step"]) for e, i in steps] == [("step", s) for s in range(1, 6)]
 
 
@@ -442,14 +444,20 @@ def test_prune_gpt2_and_build_student_from_teacher(bl_tok, tiny_teacher_dir):
 
 
 def test_key_layer_schedule():
-    assert key_layers(TrainConfig(out="-"), 2, 4, CACHE_LAYERS) == [(1, 2, "word"), (2, 4, "phrase")]
-    assert key_layers(TrainConfig(out="-", student_layers=[4, 2]), 4, 8, [4, 8]) == [(2, 4, "word"), (4, 8, "phrase")]
-    assert key_layers(TrainConfig(out="-", teacher_layers=[3, 4]), 2, 4, CACHE_LAYERS) == \
-        [(1, 3, "word"), (2, 4, "phrase")]
+    def schedule(student_layers=None, teacher_layers=None, n_student=2, n_teacher=4, available=CACHE_LAYERS,
+                 cached=False):
+        return key_layers(student_layers, teacher_layers, 1, n_student, n_teacher, available, cached)[0]
+
+    assert schedule() == [(1, 2, "word"), (2, 4, "phrase")]  # online: the method's default
+    assert schedule(cached=True) == [(1, 3, "word"), (2, 4, "phrase")]  # the cache's layers at matching depths
+    assert schedule([4, 2], n_student=4, n_teacher=8, available=[4, 8]) == [(2, 4, "word"), (4, 8, "phrase")]
+    assert schedule(teacher_layers=[3, 4]) == [(1, 3, "word"), (2, 4, "phrase")]
     with pytest.raises(ValueError, match="must have the same length"):
-        key_layers(TrainConfig(out="-", student_layers=[1, 2], teacher_layers=[4]), 2, 4, CACHE_LAYERS)
+        schedule([1, 2], [4])
     with pytest.raises(ValueError, match=r"out of range 1\.\.2"):
-        key_layers(TrainConfig(out="-", student_layers=[1, 3]), 2, 4, CACHE_LAYERS)
+        schedule([1, 3])
+    with pytest.raises(ValueError, match=r"room for only 2 of them"):
+        schedule(teacher_layers=[2, 3, 4])
 
 
 def test_cache_lacking_a_teacher_layer(cache, tmp_path):
@@ -495,7 +503,7 @@ def test_cli_unknown_loss(cache, tmp_path):
     result = run_cli("train", "--cache", cache, "--init-from-teacher", "--keep-layers", 2, "--loss", "kld",
                      "--out", out, "--device", "cpu")
     assert result.exit_code == 1
-    assert "error: --loss 'kld' is not one of sft, fkl, rkl, skl, srkl, js, tvd, akl" in result.stderr
+    assert "error: --loss must be one of sft, fkl, rkl, skl, srkl, js, tvd, akl, got 'kld'" in result.stderr
     assert not out.exists()
 
 

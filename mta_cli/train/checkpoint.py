@@ -43,14 +43,18 @@ def save_checkpoint(folder: Path, model, objective, optimizer, scheduler, progre
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
-    save_file(_contiguous(objective.state_dict()) or {"_empty": torch.zeros(0)}, tmp / "objective.safetensors")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors or {"_empty": torch.zeros(0)}, tmp / "optimizer.safetensors")
-    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
-    (tmp / STATE).write_text(json.dumps({"progress": progress, "optimizer": opt_meta,
-                                         "scheduler": scheduler.state_dict()}, indent=1))
+    try:
+        tmp.mkdir(parents=True)
+        save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
+        save_file(_contiguous(objective.state_dict()) or {"_empty": torch.zeros(0)}, tmp / "objective.safetensors")
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors or {"_empty": torch.zeros(0)}, tmp / "optimizer.safetensors")
+        save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+        (tmp / STATE).write_text(json.dumps({"progress": progress, "optimizer": opt_meta,
+                                             "scheduler": scheduler.state_dict()}, indent=1))
+    except BaseException:  # a full disk, an interrupt: the previous checkpoints stay the latest
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder

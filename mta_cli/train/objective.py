@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mta_cli.losses import LOSSES, LogitHead, MTALoss, kd_loss, topk_kd_loss
+from mta_cli.options import check_choice, check_number
 from mta_cli.train.batches import Batch
 
 
@@ -29,8 +30,15 @@ class ObjectiveConfig:
     topk: bool = False   # base loss from the cache's top-k teacher log-probs instead of exact logits
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        check_choice(self, "loss", LOSSES)
+        check_choice(self, "student_pooling", ("student", "teacher"))
+        check_number(self, "kd_alpha", 0, 1)
+        check_number(self, "temperature", 0, 1e3, low_open=True)
+        check_number(self, "lambda_dsa", 0, 1e6)
+        check_number(self, "lambda_hid", 0, 1e6)
+        check_number(self, "chunk_size", 1, integer=True)
+        if self.mta and not (self.use_dsa or self.use_hid):
+            raise ValueError("--no-dsa and --no-hid together leave MTA with nothing to add; drop --mta instead")
 
     @property
     def teacher_layers(self) -> list[int]:

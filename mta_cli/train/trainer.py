@@ -11,23 +11,25 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from mta_cli import __version__
-from mta_cli.cache.reader import CacheReader
-from mta_cli.cache.store import CacheError
-from mta_cli.losses import default_key_layers
-from mta_cli.models import hidden_size, load_causal_lm, load_tokenizer, n_layers, resolve_device, tokenizer_fingerprint
+from mta_cli.models import hidden_size, n_layers, resolve_device, tokenizer_fingerprint
+from mta_cli.options import check_number
 from mta_cli.student import build_student
-from mta_cli.teacher import output_head
 from mta_cli.train.batches import CacheBatches
 from mta_cli.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mta_cli.train.objective import Objective, ObjectiveConfig
 from mta_cli.train.online import OnlineBatches
+from mta_cli.train.run_folder import check_run_folder, holds_run, run_config, start_over, write_run_config
+from mta_cli.train.source import Source, key_layers
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the gradients went non-finite; nothing was saved after the last good checkpoint."""
 
 
 @dataclass
@@ -63,6 +65,28 @@ class TrainConfig:
     max_prompt_length: int = 256
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        check_number(self, "lr", 0)
+        check_number(self, "projector_lr", 0)
+        check_number(self, "weight_decay", 0)
+        check_number(self, "warmup_ratio", 0, 1)
+        check_number(self, "max_grad_norm", 0, low_open=True)
+        check_number(self, "grad_accum", 1, integer=True)
+        check_number(self, "epochs", 1, integer=True)
+        check_number(self, "max_steps", 1, integer=True, optional=True)
+        check_number(self, "batch_size", 1, integer=True)
+        check_number(self, "seed", 0, 2**63 - 1, integer=True)
+        check_number(self, "checkpoint_every", 0, integer=True)
+        check_number(self, "keep_layers", 1, integer=True, optional=True)
+        check_number(self, "word_layers", 0, integer=True)
+        check_number(self, "max_length", 2, 1 << 20, integer=True)
+        check_number(self, "max_prompt_length", 1, self.max_length - 1, integer=True)
+        if not self.objective.mta:
+            given = [f for f, v in (("--student-layers", self.student_layers), ("--teacher-layers", self.teacher_layers),
+                                    ("--word-layers", self.word_layers != 1)) if v]
+            if given:
+                raise ValueError(f"{', '.join(given)} choose MTA's key layers; add --mta, or drop them")
+
 
 @dataclass
 class TrainSummary:
@@ -74,70 +98,8 @@ class TrainSummary:
     seconds_per_step: float
     tokens_per_second: float
     resumed_from: str | None
-
-
-def key_layers(config: TrainConfig, n_student: int, n_teacher: int, available: list[int]) -> list[tuple[int, int, str]]:
-    """The (student layer, teacher layer, granularity) schedule: method.md §6 defaults, CLI overrides."""
-    if config.student_layers:
-        students = sorted(config.student_layers)
-        teachers = sorted(config.teacher_layers) if config.teacher_layers else \
-            [l * n_teacher // n_student for l in students]
-        if len(teachers) != len(students):
-            raise ValueError(f"--teacher-layers {teachers} and --student-layers {students} must have the same length")
-        n_word = min(config.word_layers, len(students))
-        schedule = [(s, t, "word" if i < n_word else "phrase") for i, (s, t) in enumerate(zip(students, teachers))]
-    else:
-        schedule = default_key_layers(n_student, n_teacher, m=min(3, n_student))
-        if config.teacher_layers:
-            if len(config.teacher_layers) != len(schedule):
-                raise ValueError(f"--teacher-layers needs {len(schedule)} layers for the default student layers "
-                                 f"{[s for s, _, _ in schedule]}; or give --student-layers too")
-            schedule = [(s, t, g) for (s, _, g), t in zip(schedule, sorted(config.teacher_layers))]
-    bad = [s for s, _, _ in schedule if not 1 <= s <= n_student]
-    if bad:
-        raise ValueError(f"student layer(s) {bad} out of range 1..{n_student}")
-    missing = [t for _, t, _ in schedule if t not in available]
-    if missing:
-        raise CacheError(f"teacher layer(s) {missing} of the key-layer schedule {schedule} are not available: "
-                         f"the cache holds layers {available}. Pass --teacher-layers from those, "
-                         f"or re-extract with --layers.")
-    return schedule
-
-
-class Source:
-    """Where batches and the teacher's facts come from: a cache (offline) or a live teacher (online)."""
-
-    def __init__(self, config: TrainConfig, device: torch.device):
-        self.config, self.device = config, device
-        if config.cache:
-            self.reader = CacheReader(config.cache)
-            meta = self.reader.meta
-            self.teacher_spec = meta["teacher"]["source"]
-            self.n_teacher = meta["teacher"]["n_layers"]
-            self.teacher_dim = meta["teacher"]["hidden_size"]
-            self.available = self.reader.layers
-            self.tokenizer_sha = meta["config"]["tokenizer_sha256"]
-            self.head = self.reader.head.to(device)
-            self.teacher_model = None
-        else:
-            if not (config.teacher and config.data):
-                raise ValueError("give --cache, or --teacher and --data for the online baseline")
-            self.teacher_spec = config.teacher
-            self.teacher_model = load_causal_lm(config.teacher, "fp32", str(device), config.trust_remote_code)
-            self.n_teacher = n_layers(self.teacher_model)
-            self.teacher_dim = hidden_size(self.teacher_model)
-            self.available = list(range(self.n_teacher + 1))
-            self.head = output_head(self.teacher_model)
-            self.tokenizer_sha = None
-
-    def batches(self, tokenizer, layers: list[int], own_tokenizer: bool):
-        c = self.config
-        if c.cache:
-            teacher_pad = self.reader.meta["tokenizer"]["pad_token_id"] or 0
-            return CacheBatches(self.reader, c.batch_size, layers, c.seed, teacher_pad,
-                                student_tokenizer=tokenizer if own_tokenizer else None)
-        return OnlineBatches(self.teacher_model, tokenizer, c.data, c.batch_size, layers, c.seed, self.device,
-                             c.max_length, c.max_prompt_length)
+    key_layers: list = field(default_factory=list)
+    key_layers_from: str = ""
 
 
 def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
@@ -162,37 +124,40 @@ class Run:
     total_steps: int
     position: dict            # {"step", "epoch", "batch"}: where the loop starts
     resumed_from: str | None
+    key_layers_from: str
+    notes: list[str]
 
 
 def prepare(config: TrainConfig, device: torch.device) -> Run:
     """Build student, objective, batches, optimizer and schedule; restore the last checkpoint on --resume."""
     torch.manual_seed(config.seed)
     source = Source(config, device)
-    if config.objective.topk and (source.teacher_model is not None or not source.reader.meta["config"]["top_k"]):
+    if config.objective.topk and (not source.cached or not source.reader.meta["config"]["top_k"]):
         raise ValueError("--topk trains from the sparse teacher log-probs of a cache extracted with --top-k K; "
                          "this source has none")
-    tokenizer = load_tokenizer(config.student or source.teacher_spec, config.trust_remote_code)
+    tokenizer = source.tokenizer()
     own_tokenizer = bool(source.tokenizer_sha) and tokenizer_fingerprint(tokenizer) != source.tokenizer_sha
     if own_tokenizer and config.objective.loss != "sft":
         raise ValueError(f"the student's tokenizer differs from the teacher's: --loss {config.objective.loss} "
                          "compares distributions token by token and needs identical token positions. Use --loss "
                          "sft (with --mta: DSA and Hid on spans), or a student with the teacher's tokenizer.")
-    student = build_student(config.student, source.teacher_spec if config.init_from_teacher else None,
-                            config.keep_layers, config.student_config, config.seed, config.trust_remote_code)
+    init = (source.teacher_location() if source.cached else source.teacher_spec) if config.init_from_teacher else None
+    student = build_student(config.student, init, config.keep_layers, config.student_config, config.seed,
+                            config.trust_remote_code, check_teacher=source.check_teacher)
     student.to(device).train()
     if device.type == "cuda":
         student.gradient_checkpointing_enable()
 
-    objective_config = config.objective
+    objective_config, origin = config.objective, ""
     if objective_config.mta:
-        objective_config.key_layers = key_layers(config, n_layers(student), source.n_teacher, source.available)
+        objective_config.key_layers, origin = key_layers(
+            config.student_layers, config.teacher_layers, config.word_layers, n_layers(student), source.n_teacher,
+            source.available, source.cached)
     layers = sorted({source.n_teacher} | set(objective_config.teacher_layers))
     objective = Objective(objective_config, source.head, source.n_teacher, hidden_size(student),
                           source.teacher_dim).to(device)
     batches = source.batches(tokenizer, layers, own_tokenizer)
-
-    # whole accumulations only: a trailing partial one is never stepped (the loop ends with the epochs)
-    total_steps = config.max_steps or max(1, batches.batches_per_epoch() * config.epochs // config.grad_accum)
+    total_steps = plan_steps(config, batches.batches_per_epoch())
     optimizer = torch.optim.AdamW([
         {"params": [p for p in student.parameters() if p.requires_grad], "lr": config.lr},
         {"params": list(objective.parameters()), "lr": config.projector_lr},
@@ -203,7 +168,25 @@ def prepare(config: TrainConfig, device: torch.device) -> Run:
     if config.resume and (checkpoint := latest_checkpoint(Path(config.out))):
         position = load_checkpoint(checkpoint, student, objective, optimizer, scheduler)
         resumed_from = str(checkpoint)
-    return Run(student, tokenizer, objective, batches, optimizer, scheduler, total_steps, position, resumed_from)
+    return Run(student, tokenizer, objective, batches, optimizer, scheduler, total_steps, position, resumed_from,
+               origin, source.notes)
+
+
+def plan_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run; refuses a plan in which no optimizer step would happen.
+
+    Whole accumulations only: a trailing partial one is never stepped (the loop ends with the epochs)."""
+    if batches_per_epoch == 0:
+        raise ValueError("the data gives no batch: nothing to train on")
+    if config.max_steps:
+        return config.max_steps
+    steps = batches_per_epoch * config.epochs // config.grad_accum
+    if steps == 0:
+        raise ValueError(f"--grad-accum {config.grad_accum} needs {config.grad_accum} batches per optimizer step, but "
+                         f"{config.epochs} epoch(s) give {batches_per_epoch * config.epochs} batches of up to "
+                         f"{config.batch_size}: no optimizer step would run. Lower --grad-accum or --batch-size, "
+                         "or raise --epochs or --max-steps")
+    return steps
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -214,24 +197,31 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 
 def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = None) -> TrainSummary:
-    """Train a student; returns a summary. `progress(event, info)` gets ("start", {...}) and ("step", {...})."""
+    """Train a student; returns a summary. `progress(event, info)` gets ("start", {...}) and ("step", {...}).
+
+    The run folder is checked before anything is loaded (`run_folder.check_run_folder`). A loss or gradient
+    that goes non-finite stops the run with TrainingDiverged: the last good checkpoint stays, nothing else
+    is saved."""
     report = progress or (lambda event, info: None)
     started = time.perf_counter()
     device = resolve_device(config.device)
     out = Path(config.out)
-    if out.exists() and any(out.iterdir()) and not config.resume:
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    check_run_folder(out, config)
+    if out.is_dir() and not holds_run(out):
+        start_over(out)
     run = prepare(config, device)
     student, objective, optimizer, scheduler = run.student, run.objective, run.optimizer, run.scheduler
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, config)
     report("start", {"total_steps": run.total_steps, "step": run.position["step"],
                      "batches_per_epoch": run.batches.batches_per_epoch(),
-                     "key_layers": objective.config.key_layers})
+                     "key_layers": objective.config.key_layers, "key_layers_from": run.key_layers_from,
+                     "notes": run.notes})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     keep_metrics_until(out / "metrics.jsonl", run.position["step"])
     step, last, step_tokens, micro, step_losses = run.position["step"], {}, 0, 0, {}
     train_seconds, train_tokens = 0.0, 0
+    parameters = list(student.parameters()) + list(objective.parameters())
     epochs = range(run.position["epoch"], 10**9 if config.max_steps else config.epochs)
     with (out / "metrics.jsonl").open("a") as metrics:
         step_started = time.perf_counter()
@@ -248,8 +238,9 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
                 micro += 1
                 if micro % config.grad_accum:
                     continue
-                torch.nn.utils.clip_grad_norm_(list(student.parameters()) + list(objective.parameters()),
-                                               config.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+                values = {k: v.item() for k, v in step_losses.items()}
+                check_finite(step + 1, values, float(grad_norm), out)
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
                 optimizer.step()
                 scheduler.step()
@@ -257,8 +248,8 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
                 step += 1
                 seconds = time.perf_counter() - step_started
                 train_seconds, train_tokens = train_seconds + seconds, train_tokens + step_tokens
-                last = {"step": step, "epoch": epoch, "lr": lr, **{k: v.item() for k, v in step_losses.items()},
-                        "tokens": step_tokens, "step_seconds": seconds, "tokens_per_second": step_tokens / seconds}
+                last = {"step": step, "epoch": epoch, "lr": lr, **values, "tokens": step_tokens,
+                        "step_seconds": seconds, "tokens_per_second": step_tokens / seconds}
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
                 report("step", last)
@@ -272,15 +263,21 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
     save_student(out, student, run.tokenizer, config)
     return TrainSummary(out=str(out), steps=step, epochs=config.epochs, final=last,
                         seconds=time.perf_counter() - started, seconds_per_step=train_seconds / max(step, 1),
-                        tokens_per_second=train_tokens / max(train_seconds, 1e-9), resumed_from=run.resumed_from)
+                        tokens_per_second=train_tokens / max(train_seconds, 1e-9), resumed_from=run.resumed_from,
+                        key_layers=[list(k) for k in objective.config.key_layers], key_layers_from=run.key_layers_from)
 
 
-def run_config(config: TrainConfig) -> dict:
-    return {"tool": f"mta-cli {__version__}", **asdict(config)}
-
-
-def write_run_config(out: Path, config: TrainConfig) -> None:
-    (out / "training_config.json").write_text(json.dumps(run_config(config), indent=1) + "\n")
+def check_finite(step: int, losses: dict[str, float], grad_norm: float, out: Path) -> None:
+    """Stop before an optimizer step that would take a non-finite loss or gradient into the weights."""
+    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    if not bad and math.isfinite(grad_norm):
+        return
+    what = ("the loss went non-finite (" + ", ".join(f"{k} = {v}" for k, v in bad.items()) + ")") if bad else \
+        f"the gradients went non-finite (norm {grad_norm})"
+    checkpoint = latest_checkpoint(out)
+    kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written before it"
+    raise TrainingDiverged(f"step {step}: {what}; stopped without saving ({kept}). Lower --lr (or check the data) "
+                           "and train into a new --out")
 
 
 def save_student(out: Path, student, tokenizer, config: TrainConfig) -> None:

@@ -1,0 +1,93 @@
+"""The run folder of `mta train`: whether --out can take this run, what a resumed run may change, and the
+run's record (`training_config.json`), which must keep saying what was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from mta_cli import __version__
+from mta_cli.train.checkpoint import latest_checkpoint
+
+RECORD = "training_config.json"
+# What a run leaves before its first checkpoint: a failed first attempt that the same command may start over.
+FIRST_ATTEMPT_FILES = {"metrics.jsonl", RECORD, "checkpoints"}
+# Options a resumed run may change: they extend or relocate the run (a copied run folder resumes too) without
+# changing what one step does.
+RESUMABLE = ("max_steps", "epochs", "checkpoint_every", "device", "out", "resume")
+PATH_FIELDS = ("out", "cache", "teacher", "data", "student", "student_config")
+
+
+def run_config(config) -> dict:
+    """The run's record: every option, local paths made absolute, the derived key layers included."""
+    record = {"tool": f"mta-cli {__version__}", **asdict(config)}
+    for name in PATH_FIELDS:
+        value = record.get(name)
+        if value and "://" not in value and Path(value).exists():
+            record[name] = str(Path(value).resolve())
+    return json.loads(json.dumps(record))  # tuples as lists, as read back from the file
+
+
+def write_run_config(out: Path, config) -> None:
+    (out / RECORD).write_text(json.dumps(run_config(config), indent=1) + "\n")
+
+
+def holds_run(out: Path) -> bool:
+    """A checkpoint or a final model is there: the folder holds a run to resume, not to overwrite."""
+    return latest_checkpoint(out) is not None or (out / "config.json").exists()
+
+
+def check_run_folder(out: Path, config) -> None:
+    """Refuse an --out this run cannot use, before anything is loaded (ValueError with what to do)."""
+    if out.is_file():
+        raise ValueError(f"--out {out} is a file; give a folder for the run")
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable (read-only file system or no permission)")
+    if not out.is_dir():
+        return
+    if holds_run(out):
+        if not config.resume:
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        check_resume(out, config)
+        return
+    others = sorted(p.name for p in out.iterdir() if p.name not in FIRST_ATTEMPT_FILES)
+    if others:
+        raise ValueError(f"--out {out} holds files that are not an mta run ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}); choose another --out")
+
+
+def check_resume(out: Path, config) -> None:
+    """A resumed run must train what the run trained: refuse any other difference than RESUMABLE."""
+    path = out / RECORD
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text())
+    now = run_config(config)
+    differences = []
+    for key in sorted(set(recorded) | set(now)):
+        if key in RESUMABLE or key == "tool":
+            continue
+        old, new = recorded.get(key), now.get(key)
+        if key == "objective":  # key layers are derived from the other options
+            old, new = ({k: v for k, v in (d or {}).items() if k != "key_layers"} for d in (old, new))
+            differences += [f"objective.{k}: run has {json.dumps(old.get(k))}, this command has {json.dumps(new.get(k))}"
+                            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            differences.append(f"{key}: run has {json.dumps(old)}, this command has {json.dumps(new)}")
+    if differences:
+        raise ValueError(f"{out} was trained with a different configuration; refusing to resume it with this one.\n  "
+                         + "\n  ".join(differences)
+                         + f"\nResume with the run's options (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE[:-2])} "
+                         "may change), or train into a new --out.")
+
+
+def start_over(out: Path) -> None:
+    """Forget a failed first attempt (nothing to resume): its metrics and record are rewritten."""
+    for name in ("metrics.jsonl", RECORD):
+        (out / name).unlink(missing_ok=True)
