@@ -372,7 +372,8 @@ def _write_shards(config: ExtractConfig, the_plan: Plan, model, layers: list[int
     with ThreadPoolExecutor(1, thread_name_prefix="mta-spacy") as parse_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="mta-write") as write_pool:
         def parse_async(idx: list[int]) -> Future:
-            return parse_pool.submit(lambda: list(segmenter(the_plan.samples[i].text for i in idx)))
+            return parse_pool.submit(lambda: list(segmenter([the_plan.samples[i].text for i in idx],
+                                                            [the_plan.samples[i].prompt_chars for i in idx])))
 
         loop_started = time.perf_counter()
         pending_write: Future | None = None

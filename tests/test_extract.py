@@ -279,7 +279,7 @@ def test_cache_content_matches_the_library(caches, tiny_teacher_dir, data_file):
         assert sample.n_prompt_tokens == enc.n_prompt_tokens
         assert sample.input_ids.dtype == np.int32 and np.array_equal(sample.input_ids, enc.input_ids)
         assert np.array_equal(sample.offsets, enc.offsets)
-        seg = segmenter.segment(sample.text)
+        seg = segmenter.segment(sample.text, sample.prompt_chars)
         assert len(seg.words) > 0 and len(seg.phrases) > 0
         assert np.array_equal(sample.words, seg.words) and np.array_equal(sample.word_labels, seg.word_labels)
         assert np.array_equal(sample.phrases, seg.phrases) and np.array_equal(sample.phrase_labels, seg.phrase_labels)

@@ -127,15 +127,16 @@ def test_words_in_phrases(seg_in_phrases):
     assert phrases(FOX, s) == [("The quick brown fox", "NP"), ("jumps", "VP"), ("the lazy dog", "NP")]
 
 
-def test_instruction_template_whitespace(seg):
-    # spaCy puts the leading "  \n\n" space token into the first noun chunk: it is trimmed off.
+def test_instruction_template_whitespace_and_markup(seg):
+    # spaCy puts the leading "  \n\n" space token and the "###" markup (tagged SYM) into the first noun
+    # chunk: both are trimmed off, and "#" is no word.
     s = seg.segment(TEMPLATE)
     assert phrases(TEMPLATE, s) == [
-        ("### Instruction", "NP"), ("Name", "VP"), ("three primary colors", "NP"), ("### Response", "NP"),
+        ("Instruction", "NP"), ("Name", "VP"), ("three primary colors", "NP"), ("Response", "NP"),
         ("Red", "NP"), ("the primary colors", "NP"),
     ]
     assert words(TEMPLATE, s) == [
-        "#", "#", "#", "Instruction", "Name", "three", "primary", "colors", "#", "#", "#", "Response",
+        "Instruction", "Name", "three", "primary", "colors", "Response",
         "Red", "blue", "and", "yellow", "are", "the", "primary", "colors",
     ]
     assert all(not TEMPLATE[a:b].isspace() for a, b in np.concatenate([s.words, s.phrases]).tolist())
@@ -256,3 +257,40 @@ def test_empty_inputs():
     # Only special tokens.
     r = spans_to_token_ranges("abc", np.array([[0, 0], [0, 0]]), np.array([[0, 3]]))
     assert r.tolist() == [[0, 0]]
+
+
+# --- what a word is, and the prompt/response boundary ------------------------------------------------------
+
+
+def test_markup_symbols_and_emoji_are_not_words(seg):
+    text = "### Input:\nThe price rose 5% to $3.50 (a 🎉 day) -- C++ & R2-D2 won."
+    s = seg.segment(text)
+    found = words(text, s)
+    assert not [w for w in found if not any(c.isalnum() for c in w)], found
+    for kept in ("Input", "price", "rose", "5", "3.50", "day", "won"):
+        assert kept in found, (kept, found)
+    assert seg.settings["word_rule"] == "tokens with a letter or digit, POS not PUNCT, SYM or SPACE"
+    assert seg.settings["template"].startswith("template text segmented")
+
+
+def test_a_span_across_the_prompt_response_boundary_is_cut_there(seg):
+    prompt, response = "Finish the sentence: the big red", " balloon flew away."
+    text = prompt + response
+    assert phrases(text, seg.segment(text)) == [("Finish", "VP"), ("the sentence", "NP"),
+                                                ("the big red balloon", "NP"), ("flew away", "VP")]
+    cut = seg.segment(text, prompt_chars=len(prompt))
+    assert phrases(text, cut) == [("Finish", "VP"), ("the sentence", "NP"), ("the big red", "NP"),
+                                  ("balloon", "NP"), ("flew away", "VP")]
+    for a, b in cut.phrases.tolist() + cut.words.tolist():
+        assert b <= len(prompt) or a >= len(prompt), text[a:b]
+    assert seg.settings["boundary"] == "spans cut at the prompt/response boundary"
+
+
+def test_cut_at_splits_and_trims(seg):
+    from mta_cli.segment import cut_at
+
+    text = "ab cd\nef gh"
+    spans, labels = cut_at(text, [(0, 5), (3, 8), (6, 11)], [0, 1, 0], boundary=6)
+    assert [text[a:b] for a, b in spans] == ["ab cd", "cd", "ef", "ef gh"] and labels == [0, 1, 1, 0]
+    spans, labels = cut_at(text, [(5, 7)], [1], boundary=6)  # "\ne": the prompt side is only space
+    assert [text[a:b] for a, b in spans] == ["e"] and labels == [1]

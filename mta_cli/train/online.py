@@ -30,7 +30,8 @@ def live_samples(model, samples: list[Encoded], indices: list[int], segmenter: S
         mask[row, :len(s.input_ids)] = 1
     states = teacher_forward(model, ids.to(device), mask.to(device), layers).states
     out = []
-    for row, (s, seg, index) in enumerate(zip(samples, segmenter(s.text for s in samples), indices)):
+    segmentations = segmenter([s.text for s in samples], [s.prompt_chars for s in samples])
+    for row, (s, seg, index) in enumerate(zip(samples, segmentations, indices)):
         n = len(s.input_ids)
         out.append(CachedSample(
             index=index, text=s.text, prompt_chars=s.prompt_chars, source_line=0, input_ids=s.input_ids,
