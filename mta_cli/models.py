@@ -81,7 +81,7 @@ class ModelSource:
     def load_error(self, what: str, error: Exception) -> ModelLoadError:
         """A one-line reason why `what` (model or tokenizer) could not be loaded, and what to do."""
         if not self.local and not downloads_allowed():
-            return ModelLoadError(f"{self.display}: no such folder, and no {what} of that name in the local Hugging "
+            return ModelLoadError(f"{self.display}: no such folder, and no model of that name in the local Hugging "
                                   f"Face cache. Check the path; to download it from the hub, set {DOWNLOAD_ENV}=1")
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return ModelLoadError(f"cannot load the {what} of {self.display}: {first_line}")

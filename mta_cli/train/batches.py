@@ -3,9 +3,11 @@
 Both paths build the same `Batch` from `CachedSample`s, so the losses cannot tell them apart; this
 is what the offline == online tests rely on.
 
-Offline order: each epoch, shards are visited in a seeded random order, `window` shards at a time;
-the window's samples are shuffled, sorted by length in runs of 32 batches (length bucketing:
-little padding), cut into batches, and the batches shuffled. The plan depends only on (seed,
+Offline order: each epoch, shards are visited in a seeded random order, `window` shards at a time
+(at least 2, and enough full shards to hold a whole batch: a batch never spans two windows, so only
+the last batch of a window may be smaller than --batch-size); the window's samples are shuffled,
+sorted by length in runs of 32 batches (length bucketing: little padding), cut into batches, and the
+batches shuffled. The plan depends only on (seed,
 epoch, shard sizes), so a resumed run continues exactly where it stopped. A background thread
 reads and decodes the next window while the current one trains.
 """
@@ -154,9 +156,11 @@ class CacheBatches:
                  window: int = 2, prefetch: bool = True, student_tokenizer=None):
         self.reader, self.batch_size, self.layers = reader, batch_size, layers
         self.student_tokenizer = student_tokenizer
-        self.seed, self.pad_id, self.window, self.prefetch = seed, pad_id, max(1, window), prefetch
+        self.seed, self.pad_id, self.prefetch = seed, pad_id, prefetch
         reader.check_layers(layers)
         self.lengths = [reader.sample_lengths(p) for p in range(len(reader.shard_indices))]
+        shard_size = max((len(l) for l in self.lengths), default=1)
+        self.window = max(1, window, -(-batch_size // shard_size))
 
     def epoch_plan(self, epoch: int) -> list[tuple[list[int], list[list[int]]]]:
         """[(shard positions of a window, batches of global sample indices)] for one epoch."""
