@@ -18,10 +18,11 @@ from rich.console import Console
 from mta_cli.cache.store import CacheError
 from mta_cli.models import ModelLoadError
 from mta_cli.records import DataError
+from mta_cli.segment import SegmentationError
 
 out = Console()
 err = Console(stderr=True)
-USER_ERRORS = (DataError, CacheError, ModelLoadError, ValueError, FileNotFoundError)
+USER_ERRORS = (DataError, CacheError, ModelLoadError, SegmentationError, ValueError, FileNotFoundError)
 debug = False  # set per invocation by `mta --debug`: errors then show their traceback
 
 OS_ADVICE = {

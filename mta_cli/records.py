@@ -113,6 +113,15 @@ class _Reader:
         name, value = self.get(obj, *names, required=required)
         if value is not None and not isinstance(value, str):
             raise self.fail(f"expected a string, got {_kind(value)}", name)
+        return value if value is None else self.text(value, name)
+
+    def text(self, value: str, field: str) -> str:
+        """`value` if it is valid Unicode text: a lone surrogate ("\\ud800" in JSON) cannot be encoded."""
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise self.fail(f"holds a lone surrogate {value[e.start]!r} at character {e.start}, which is not "
+                            "text (a broken \\uXXXX escape)", field) from None
         return value
 
     def responses(self, obj: dict, *names: str) -> tuple[str, ...]:
@@ -130,6 +139,7 @@ class _Reader:
                 raise self.fail(f"expected a string, got {_kind(r)}", where)
             if not r.strip():
                 raise self.fail("the response is empty", where)
+            self.text(r, where)
         return tuple(r for _, r in items)
 
     def record(self, obj: dict) -> Record:
@@ -157,6 +167,7 @@ class _Reader:
                     raise self.fail("missing", f"messages[{i}].{key}")
                 if not isinstance(m[key], str):
                     raise self.fail(f"expected a string, got {_kind(m[key])}", f"messages[{i}].{key}")
+                self.text(m[key], f"messages[{i}].{key}")
         last = len(messages) - 1
         if messages[-1]["role"] != "assistant":
             raise self.fail(f"the last message must be the assistant's response, got role {messages[-1]['role']!r}",
