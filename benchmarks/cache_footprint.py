@@ -15,7 +15,7 @@ import shutil
 
 from benchmarks.common import WORK, dolly_subset, report, teacher_folder
 from mta_cli.cache.inspect import info
-from mta_cli.extract import ExtractConfig, extract
+from mta_cli.extraction import ExtractConfig, extract
 
 VARIANTS = [("bf16 (default)", {"dtype": "bf16"}), ("fp32", {"dtype": "fp32"}), ("fp16", {"dtype": "fp16"}),
             ("int8", {"dtype": "int8"}), ("bf16 + top-k 64", {"dtype": "bf16", "top_k": 64})]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import WORK, dolly_subset, report, teacher_folder
-from mta_cli.extract import ExtractConfig, extract, length_batches, plan
+from mta_cli.extraction import ExtractConfig, extract, length_batches, plan
 from mta_cli.models import load_causal_lm
 from mta_cli.teacher import teacher_forward
 

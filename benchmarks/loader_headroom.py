@@ -17,10 +17,10 @@ import time
 
 from benchmarks.common import WORK, dolly_subset, report, teacher_folder
 from mta_cli.cache.reader import CacheReader
-from mta_cli.extract import ExtractConfig, extract
-from mta_cli.train.batches import CacheBatches
-from mta_cli.train.objective import ObjectiveConfig
-from mta_cli.train.trainer import TrainConfig, train
+from mta_cli.extraction import ExtractConfig, extract
+from mta_cli.training.batches import CacheBatches
+from mta_cli.training.objective import ObjectiveConfig
+from mta_cli.training.trainer import TrainConfig, train
 
 
 def main() -> None:

@@ -28,16 +28,16 @@ import torch
 from benchmarks.common import WORK, dolly_subset, peak_rss_mib, report, teacher_folder
 from mta_cli.cache.reader import CacheReader
 from mta_cli.encode import encode_record
-from mta_cli.extract import ExtractConfig, extract
+from mta_cli.extraction import ExtractConfig, extract
 from mta_cli.losses import default_key_layers
 from mta_cli.models import load_causal_lm, load_tokenizer
 from mta_cli.records import load_records
 from mta_cli.segment import Segmenter
 from mta_cli.student import prune_layers
 from mta_cli.teacher import output_head, teacher_forward
-from mta_cli.train.batches import CacheBatches, collate
-from mta_cli.train.objective import Objective, ObjectiveConfig
-from mta_cli.train.online import live_samples
+from mta_cli.training.batches import CacheBatches, collate
+from mta_cli.training.objective import Objective, ObjectiveConfig
+from mta_cli.training.online import live_samples
 
 CONFIGS = [("sft", "sft", False), ("srkl", "srkl", False), ("srkl --mta", "srkl", True)]
 LAYERS = [15, 22, 30]
@@ -45,7 +45,7 @@ LAYERS = [15, 22, 30]
 
 def memory_child(mode: str, loss: str, mta: bool, cache: str, data: str, teacher: str) -> None:
     """Two steps of the real `train()` in this process; prints its peak RSS (MiB) as JSON."""
-    from mta_cli.train.trainer import TrainConfig, train
+    from mta_cli.training.trainer import TrainConfig, train
 
     out = WORK / f"memory-{mode}-{loss}-{int(mta)}"
     shutil.rmtree(out, ignore_errors=True)

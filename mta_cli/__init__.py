@@ -7,15 +7,33 @@ Every command is a plain function here, the CLI a thin layer on it:
     train(TrainConfig(out="runs/s1", cache="cache.zarr", init_from_teacher=True, keep_layers=8,
                       objective=ObjectiveConfig(loss="srkl", mta=True)))
     report = evaluate(["runs/s1"], ["dev.jsonl"], seeds=(10, 20))
+
+The names are imported on first use, so that `import mta_cli` (and `mta --help`) does not load torch.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from mta_cli.cache import CacheReader  # noqa: E402
-from mta_cli.evaluation import evaluate  # noqa: E402
-from mta_cli.extract import ExtractConfig, extract  # noqa: E402
-from mta_cli.train.objective import ObjectiveConfig  # noqa: E402
-from mta_cli.train.trainer import TrainConfig, train  # noqa: E402
+_EXPORTS = {
+    "CacheReader": "mta_cli.cache",
+    "evaluate": "mta_cli.evaluation",
+    "ExtractConfig": "mta_cli.extraction",
+    "extract": "mta_cli.extraction",
+    "ObjectiveConfig": "mta_cli.training.objective",
+    "TrainConfig": "mta_cli.training.trainer",
+    "train": "mta_cli.training.trainer",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
 
-__all__ = ["CacheReader", "ExtractConfig", "ObjectiveConfig", "TrainConfig", "__version__", "evaluate", "extract",
-           "train"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mta_cli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -120,8 +120,8 @@ def extract(
 
         mta extract --teacher SmolLM2-135M-Instruct.Q4_1.gguf --data examples/instructions.jsonl --out cache.zarr
     """
-    from mta_cli.extract import ExtractConfig, estimate_bytes, plan
-    from mta_cli.extract import extract as run_extract
+    from mta_cli.extraction import ExtractConfig, estimate_bytes, plan
+    from mta_cli.extraction import extract as run_extract
 
     with reported_errors():
         config = ExtractConfig(
@@ -243,9 +243,9 @@ def train(
 
         mta train --cache cache.zarr --init-from-teacher --keep-layers 8 --loss srkl --mta --out runs/srkl-mta
     """
-    from mta_cli.train.objective import ObjectiveConfig
-    from mta_cli.train.trainer import TrainConfig
-    from mta_cli.train.trainer import train as run_train
+    from mta_cli.training.objective import ObjectiveConfig
+    from mta_cli.training.trainer import TrainConfig
+    from mta_cli.training.trainer import train as run_train
 
     with reported_errors():
         objective = ObjectiveConfig(loss=loss, kd_alpha=kd_alpha, temperature=temperature, mta=mta, topk=topk,
@@ -286,7 +286,9 @@ class TrainProgress:
         return self.on_event
 
     def on_event(self, event: str, info: dict) -> None:
-        if event == "start":
+        if event == "status" and err.is_terminal:
+            self.progress.console.print(f"[dim]{info['message']} ...[/dim]", highlight=False)
+        elif event == "start":
             self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["step"], info="")
             if err.is_terminal:
                 for note in info["notes"]:

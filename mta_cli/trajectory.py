@@ -15,7 +15,7 @@ import torch
 from mta_cli.cache.reader import CacheReader
 from mta_cli.losses import dsa_loss, importance_weights, pair_teacher_layers, pool_spans
 from mta_cli.models import n_layers, tokenizer_fingerprint
-from mta_cli.train.batches import collate
+from mta_cli.training.batches import collate
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

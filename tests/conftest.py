@@ -20,7 +20,7 @@ def sp_tok():
 def tiny_fp32_cache(tmp_path_factory, tiny_teacher_dir) -> str:
     """An fp32 cache of tiny.RECORDS from the tiny teacher, extracted one sample per batch (so its states are
     bitwise those of a single-sample forward), layers 2, 3, 4, shards of 5."""
-    from mta_cli.extract import ExtractConfig, extract
+    from mta_cli.extraction import ExtractConfig, extract
 
     base = tmp_path_factory.mktemp("fp32-cache")
     data = base / "records.jsonl"

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from mta_cli.cache.reader import CacheReader
 from mta_cli.encode import encode_record
-from mta_cli.extract import HEAD_COMPRESSION_ESTIMATE, ExtractConfig, extract
+from mta_cli.extraction import HEAD_COMPRESSION_ESTIMATE, ExtractConfig, extract
 from mta_cli.models import load_causal_lm, load_tokenizer
 from mta_cli.records import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_records
 from mta_cli.segment import Segmenter, spans_to_token_ranges

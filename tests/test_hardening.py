@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from mta_cli.cache import inspect as cache_inspect
 from mta_cli.cache.store import CacheError
 from mta_cli.encode import encode_record
-from mta_cli.extract import extract
+from mta_cli.extraction import extract
 from mta_cli.records import DataError, Record, load_records
 from mta_cli.segment import Segmenter, spans_to_token_ranges
 from tests import tiny
@@ -173,7 +173,7 @@ def test_a_full_disk_during_the_cli_is_one_line(tmp_path, tiny_teacher_dir, data
 
 
 def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, good, monkeypatch):
-    checkpoint = sys.modules["mta_cli.train.checkpoint"]
+    import mta_cli.training.checkpoint as checkpoint
 
     saved = []
     original = checkpoint.save_file

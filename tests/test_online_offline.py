@@ -29,15 +29,15 @@ import pytest
 import torch
 
 from mta_cli.cache.reader import CacheReader
-from mta_cli.extract import ExtractConfig, extract
+from mta_cli.extraction import ExtractConfig, extract
 from mta_cli.losses import LOSSES, LogitHead, default_key_layers
 from mta_cli.models import load_causal_lm, load_tokenizer
 from mta_cli.segment import Segmenter
 from mta_cli.student import prune_layers
-from mta_cli.train.batches import Batch, CacheBatches, collate
-from mta_cli.train.objective import Objective, ObjectiveConfig
-from mta_cli.train.online import OnlineBatches, live_samples
-from mta_cli.train.trainer import Source, TrainConfig
+from mta_cli.training.batches import Batch, CacheBatches, collate
+from mta_cli.training.objective import Objective, ObjectiveConfig
+from mta_cli.training.online import OnlineBatches, live_samples
+from mta_cli.training.trainer import Source, TrainConfig
 from tests import tiny
 
 MAX_LENGTH, MAX_PROMPT = 64, 32

@@ -21,7 +21,7 @@ from mta_cli.cache import inspect as cache_inspect
 from mta_cli.cache.lock import CacheLock
 from mta_cli.cache.reader import CacheReader
 from mta_cli.cache.store import CacheError
-from mta_cli.extract import extract
+from mta_cli.extraction import extract
 from tests.test_cache import assert_identical_caches, cli, config, copy_of, data_file, good  # noqa: F401 - fixtures
 
 TRAIN = ["train", "--init-from-teacher", "--keep-layers", "2", "--loss", "srkl", "--max-steps", "2",

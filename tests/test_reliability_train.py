@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from mta_cli.extract import ExtractConfig, extract
+from mta_cli.extraction import ExtractConfig, extract
 from mta_cli.losses import pair_teacher_layers
 from mta_cli.models import ModelLoadError
-from mta_cli.train.objective import ObjectiveConfig
-from mta_cli.train.trainer import TrainConfig, TrainingDiverged, train
+from mta_cli.training.objective import ObjectiveConfig
+from mta_cli.training.trainer import TrainConfig, TrainingDiverged, train
 from tests import tiny
 from tests.test_cache import cli, data_file, good  # noqa: F401 - fixtures
 
@@ -60,7 +59,7 @@ def test_resume_with_another_configuration_is_refused_and_the_record_kept(tmp_pa
 
 def test_a_failed_first_attempt_does_not_block_the_same_command(tmp_path, good, monkeypatch):
     out = tmp_path / "run"
-    trainer = sys.modules["mta_cli.train.trainer"]  # `mta_cli.train` the attribute is the function
+    import mta_cli.training.trainer as trainer
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device", str(out / "model.safetensors"))
@@ -236,7 +235,7 @@ def test_a_plan_with_no_optimizer_step_is_refused(tmp_path, good):
 
 def test_a_batch_larger_than_two_shards_is_honoured(tmp_path, good):
     from mta_cli.cache.reader import CacheReader
-    from mta_cli.train.batches import CacheBatches
+    from mta_cli.training.batches import CacheBatches
 
     reader = CacheReader(good)  # 8 samples in shards of 3, 3 and 2
     plan = CacheBatches(reader, batch_size=7, layers=[4], seed=0, pad_id=0).epoch_plan(0)

@@ -23,15 +23,15 @@ from typer.testing import CliRunner
 from mta_cli.cache.reader import CacheReader
 from mta_cli.cache.store import CacheError
 from mta_cli.cli import app
-from mta_cli.extract import ExtractConfig, extract
+from mta_cli.extraction import ExtractConfig, extract
 from mta_cli.losses import LogitHead
 from mta_cli.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from mta_cli.student import build_student, evenly_spaced, prune_layers
-from mta_cli.train import trainer
-from mta_cli.train.batches import collate
-from mta_cli.train.objective import Objective, ObjectiveConfig
-from mta_cli.train.source import key_layers
-from mta_cli.train.trainer import TrainConfig, train
+from mta_cli.training import trainer
+from mta_cli.training.batches import collate
+from mta_cli.training.objective import Objective, ObjectiveConfig
+from mta_cli.training.source import key_layers
+from mta_cli.training.trainer import TrainConfig, train
 from tests import tiny
 
 RECORDS = tiny.RECORDS
@@ -75,7 +75,7 @@ def metrics(run: Path) -> list[dict]:
 def stop_at(step: int, events: list | None = None):
     """A progress callback that interrupts training when step `step` is reported (as Ctrl-C would)."""
     def progress(event: str, info: dict) -> None:
-        if events is not None:
+        if events is not None and event != "status":
             events.append((event, dict(info)))
         if event == "step" and info["step"] == step:
             raise KeyboardInterrupt
@@ -223,7 +223,8 @@ def resume_scenario(base: Path, make, stop: int, check_negative: bool = False) -
     events: list = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "build_student", capture)
-        full = train(make(base / "full"), progress=lambda event, info: events.append((event, dict(info))))
+        full = train(make(base / "full"), progress=lambda event, info: events.append((event, dict(info)))
+                     if event != "status" else None)
     interrupted_events: list = []
     with pytest.raises(KeyboardInterrupt):
         train(make(base / "cut"), progress=stop_at(stop, interrupted_events))
@@ -328,7 +329,7 @@ def test_epochs_with_accumulation_reach_the_announced_total(cache, tmp_path):
     events: list = []
     run = tmp_path / "epochs"
     summary = train(config(run, cache, mta=False, loss="fkl", batch_size=3, grad_accum=2, epochs=2),
-                    progress=lambda event, info: events.append((event, dict(info))))
+                    progress=lambda event, info: events.append((event, dict(info))) if event != "status" else None)
     assert events[0][1]["total_steps"] == summary.steps == 3
     assert events[0][1]["batches_per_epoch"] == 3
     assert [r["epoch"] for r in metrics(run)] == [0, 1, 1]  # step 2 takes one micro-batch from each epoch

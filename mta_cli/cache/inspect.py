@@ -144,7 +144,7 @@ def repair(url: str) -> Verification:
 def extract_command(url: str) -> str:
     """The `mta extract` command that made the cache at `url` (from its stored settings), to re-run after a
     repair; options left at their defaults are omitted."""
-    from mta_cli.extract import ExtractConfig
+    from mta_cli.extraction import ExtractConfig
 
     stored = open_root(url, mode="r").attrs["mta"].get("extract_config") or {}
     defaults = ExtractConfig(teacher="", data="", out="")

@@ -9,7 +9,7 @@ from torch import nn
 
 from mta_cli.losses import LOSSES, LogitHead, MTALoss, kd_loss, topk_kd_loss
 from mta_cli.options import check_choice, check_number
-from mta_cli.train.batches import Batch
+from mta_cli.training.batches import Batch
 
 
 @dataclass

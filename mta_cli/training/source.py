@@ -16,8 +16,8 @@ from mta_cli.losses import default_key_layers, pair_teacher_layers
 from mta_cli.models import (ModelLoadError, ModelSource, hidden_size, load_causal_lm, load_tokenizer, n_layers,
                             tokenizer_fingerprint, weights_fingerprint)
 from mta_cli.teacher import output_head
-from mta_cli.train.batches import CacheBatches
-from mta_cli.train.online import OnlineBatches
+from mta_cli.training.batches import CacheBatches
+from mta_cli.training.online import OnlineBatches
 
 
 def key_layers(student_layers: list[int] | None, teacher_layers: list[int] | None, word_layers: int,

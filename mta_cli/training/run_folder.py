@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mta_cli import __version__
-from mta_cli.train.checkpoint import latest_checkpoint
+from mta_cli.training.checkpoint import latest_checkpoint
 
 RECORD = "training_config.json"
 # What a run leaves before its first checkpoint: a failed first attempt that the same command may start over.

@@ -16,7 +16,7 @@ from mta_cli.encode import Encoded, encode_record
 from mta_cli.records import load_records
 from mta_cli.segment import Segmenter, spans_to_token_ranges
 from mta_cli.teacher import teacher_forward
-from mta_cli.train.batches import Batch, bucketed_batches, collate
+from mta_cli.training.batches import Batch, bucketed_batches, collate
 
 
 def live_samples(model, samples: list[Encoded], indices: list[int], segmenter: Segmenter, layers: list[int],

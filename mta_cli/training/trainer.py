@@ -20,12 +20,12 @@ import torch
 from mta_cli.models import hidden_size, n_layers, resolve_device, tokenizer_fingerprint
 from mta_cli.options import check_number
 from mta_cli.student import build_student
-from mta_cli.train.batches import CacheBatches
-from mta_cli.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mta_cli.train.objective import Objective, ObjectiveConfig
-from mta_cli.train.online import OnlineBatches
-from mta_cli.train.run_folder import check_run_folder, holds_run, run_config, start_over, write_run_config
-from mta_cli.train.source import Source, key_layers
+from mta_cli.training.batches import CacheBatches
+from mta_cli.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mta_cli.training.objective import Objective, ObjectiveConfig
+from mta_cli.training.online import OnlineBatches
+from mta_cli.training.run_folder import check_run_folder, holds_run, run_config, start_over, write_run_config
+from mta_cli.training.source import Source, key_layers
 
 
 class TrainingDiverged(ValueError):
@@ -128,9 +128,12 @@ class Run:
     notes: list[str]
 
 
-def prepare(config: TrainConfig, device: torch.device) -> Run:
+def prepare(config: TrainConfig, device: torch.device,
+            report: Callable[[str, dict], None] = lambda event, info: None) -> Run:
     """Build student, objective, batches, optimizer and schedule; restore the last checkpoint on --resume."""
     torch.manual_seed(config.seed)
+    report("status", {"message": f"checking the cache {config.cache}" if config.cache else
+                      f"loading the teacher {config.teacher}"})
     source = Source(config, device)
     if config.objective.topk and (not source.cached or not source.reader.meta["config"]["top_k"]):
         raise ValueError("--topk trains from the sparse teacher log-probs of a cache extracted with --top-k K; "
@@ -142,6 +145,8 @@ def prepare(config: TrainConfig, device: torch.device) -> Run:
                          "compares distributions token by token and needs identical token positions. Use --loss "
                          "sft (with --mta: DSA and Hid on spans), or a student with the teacher's tokenizer.")
     init = (source.teacher_location() if source.cached else source.teacher_spec) if config.init_from_teacher else None
+    what = f"{config.keep_layers} layers of {init}" if init else (config.student or config.student_config)
+    report("status", {"message": f"loading the student ({what})"})
     student = build_student(config.student, init, config.keep_layers, config.student_config, config.seed,
                             config.trust_remote_code, check_teacher=source.check_teacher)
     student.to(device).train()
@@ -209,7 +214,7 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
     check_run_folder(out, config)
     if out.is_dir() and not holds_run(out):
         start_over(out)
-    run = prepare(config, device)
+    run = prepare(config, device, report)
     student, objective, optimizer, scheduler = run.student, run.objective, run.optimizer, run.scheduler
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, config)
