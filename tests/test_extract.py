@@ -22,9 +22,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from mta_cli.cache.layout import FORMAT_VERSION
 from mta_cli.cache.reader import CacheReader
+from mta_cli.cache.store import CacheWriter
 from mta_cli.encode import encode_record
-from mta_cli.extract import ExtractConfig, extract
+from mta_cli.extract import ExtractConfig, extract, head_arrays
+from mta_cli.losses import LogitHead
 from mta_cli.models import load_causal_lm, load_tokenizer
 from mta_cli.records import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_records
 from mta_cli.segment import Segmenter, spans_to_token_ranges
@@ -404,3 +407,75 @@ def test_cli_extract_help_has_an_example():
     result = cli("extract", "--help")
     assert result.exit_code == 0
     assert "Example" in result.stdout and "mta extract --teacher" in result.stdout
+
+
+# --- 2b. a head with a bias, a scale, a soft-cap ---------------------------------------------------------
+
+
+def phi_with_a_head_bias(tok):
+    """Phi's output head has a bias; a random one (HF initialises it to zero) so that dropping it shows."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    config = PhiConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    model = PhiForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.bias.normal_()
+    return model
+
+
+def cohere_with_a_logit_scale(tok):
+    from transformers import CohereConfig, CohereForCausalLM
+
+    torch.manual_seed(0)
+    config = CohereConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          logit_scale=0.25, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          bos_token_id=tok.eos_token_id)
+    return CohereForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["phi_bias", "cohere_scale"])
+def test_head_bias_and_scale_are_read_back_and_reproduce_the_logits(kind, tmp_path, bl_tok):
+    """The stored head's bias and scale come back from the cache, and the head read back reproduces the
+    teacher's own logits; without the bias (the scale) they would be far off."""
+    build = {"phi_bias": phi_with_a_head_bias, "cohere_scale": cohere_with_a_logit_scale}[kind]
+    folder = tiny.save_tiny_model(tmp_path / "teacher", bl_tok, build(bl_tok))
+    _, reader = run(folder, write_jsonl(tmp_path / "alpaca.jsonl", ALPACA[:2]), tmp_path / "cache.zarr",
+                    dtype="fp32", batch_size=2)
+    model = load_causal_lm(str(folder), "fp32", "cpu")
+    head = reader.head
+    assert_head_reproduces_logits(reader, model)
+    _, logits = direct(model, reader[0].input_ids)
+    last = reader[0].states[2]
+    if kind == "phi_bias":
+        assert head.bias is not None and torch.equal(head.bias, model.lm_head.bias.detach())
+        assert head.scale == 1.0 and head.softcap is None
+        assert (dataclasses.replace(head, bias=None)(last) - logits).abs().max() > 0.5
+    else:
+        assert head.bias is None and head.scale == 0.25 and head.softcap is None
+        assert (dataclasses.replace(head, scale=1.0)(last) - logits).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("teacher_dtype", ["fp32", "bf16"])
+def test_head_with_bias_scale_and_softcap_round_trips_through_the_writer(teacher_dtype, tmp_path):
+    """Weight and bias stored in the teacher's precision come back bit for bit (as float32), with scale and
+    soft-cap, and give softcap · tanh(scale · (h Wᵀ + b) / softcap) computed here in float64."""
+    g = torch.Generator().manual_seed(0)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[teacher_dtype]
+    weight = torch.randn(11, 6, generator=g).to(torch_dtype)
+    bias = torch.randn(11, generator=g).to(torch_dtype)
+    meta = {"format_version": FORMAT_VERSION, "config": {"layers": [], "state_dtype": "fp32"}, "n_shards": 0,
+            "teacher": {"head": {"dtype": teacher_dtype, "scale": 0.5, "softcap": 3.0, "has_bias": True}}}
+    writer = CacheWriter(str(tmp_path / "cache.zarr"), meta)
+    writer.write_head(head_arrays(LogitHead(weight, bias, 0.5, 3.0), teacher_dtype))
+    writer.finish({})
+    head = CacheReader(tmp_path / "cache.zarr").head
+    assert head.weight.dtype == head.bias.dtype == torch.float32
+    assert torch.equal(head.weight, weight.float()) and torch.equal(head.bias, bias.float())
+    assert head.scale == 0.5 and head.softcap == 3.0
+    h = torch.randn(4, 6, generator=g)
+    expected = 3.0 * torch.tanh(0.5 * (h.double() @ weight.double().T + bias.double()) / 3.0)
+    torch.testing.assert_close(head(h).double(), expected, rtol=1e-6, atol=1e-6)
