@@ -116,3 +116,15 @@ def mta(student: dict, teacher: dict, lengths: list[int], spans: list[dict], key
     count = len(key_layers) * len(lengths)
     dsa_mean, hid_mean = dsa_sum / count, hid_sum / count
     return {"dsa": dsa_mean, "hid": hid_mean, "mta": lambda_dsa * dsa_mean + lambda_hid * hid_mean}
+
+
+def base_losses(student_logits: np.ndarray, teacher_logits: np.ndarray | None, labels: np.ndarray,
+                divergence, alpha: float, temperature: float) -> dict[str, float]:
+    """§7's base loss over N target positions: SFT (`divergence` None) is the mean CE; otherwise
+    (1 - α) CE + α mean D(p_S, p_T), D on softmax(logits / τ) of both models (no τ² factor), CE at τ = 1.
+    student_logits, teacher_logits [N, V], labels [N]; divergence(p_S, p_T) -> [N]."""
+    ce = float(-log_softmax(student_logits)[np.arange(len(labels)), labels].mean())
+    if divergence is None:
+        return {"loss": ce, "ce": ce}
+    kd = float(divergence(softmax(student_logits / temperature), softmax(teacher_logits / temperature)).mean())
+    return {"loss": (1 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
