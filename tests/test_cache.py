@@ -21,7 +21,7 @@ import mta_cli
 from mta_cli import __version__
 from mta_cli.cache import inspect as cache_inspect
 from mta_cli.cache.reader import CacheReader
-from mta_cli.cache.store import CacheError
+from mta_cli.cache.store import CacheError, CacheWriter
 from mta_cli.extract import ExtractConfig, extract
 from tests.test_extract import LINES, MAX_LENGTH, MAX_PROMPT, write_jsonl
 
@@ -405,3 +405,30 @@ def test_a_cache_behind_an_fsspec_url_matches_the_local_one(scheme, tmp_path, ti
         for layer in local.layers:
             assert np.array_equal(remote[i].states[layer].numpy(), local[i].states[layer].numpy())
 
+
+def test_a_crash_inside_a_shards_array_writes_leaves_it_to_be_rewritten(tmp_path, tiny_teacher_dir, data_file, good,
+                                                                        monkeypatch):
+    """The disk fails after some of shard 1's arrays are written: that shard is not marked complete, so the
+    reader does not serve it, verify names it, and the resumed extraction rewrites it (reusing only shard 0)
+    into the cache an uninterrupted run makes."""
+    out = tmp_path / "cache.zarr"
+    write_arrays = CacheWriter.write_arrays
+
+    def fail_midway(self, group, arrays):
+        if group.path != "shards/00001":
+            return write_arrays(self, group, arrays)
+        write_arrays(self, group, dict(list(arrays.items())[:4]))
+        raise OSError("no space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CacheWriter, "write_arrays", fail_midway)
+        with pytest.raises(OSError, match="no space left on device"):
+            extract(config(tiny_teacher_dir, data_file, out))
+    root = zarr.open_group(str(out), mode="r")
+    assert len(list(root["shards/00001"].array_keys())) == 4  # the crash happened inside the shard's writes
+    assert not root["shards/00001"].attrs.get("complete")
+    assert CacheReader(out, allow_incomplete=True).shard_indices == [0]
+    assert "shards/00001: not marked complete" in cache_inspect.verify(str(out))
+    summary = extract(config(tiny_teacher_dir, data_file, out))
+    assert summary.shards_reused == 1 and summary.shards == 3
+    assert_identical_caches(out, good)
