@@ -196,8 +196,9 @@ def other_students(tmp_path_factory, bl_tok, sp_tok) -> dict[str, dict]:
 
 
 def independent_losses(student, objective: Objective, batch, teacher) -> dict[str, float]:
-    """Every logged component of one batch from the models' own forwards, numpy divergences and the MTA
-    reference: the teacher runs live on each unpadded sample (the cache is not read for its logits)."""
+    """Every loss component of one batch from the models' own forwards, numpy divergences and the MTA
+    reference: the teacher runs live on each unpadded sample (the cache is not read for its logits).
+    A term switched off by the objective's options counts 0."""
     config = objective.config
     with torch.no_grad():
         out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
@@ -219,14 +220,16 @@ def independent_losses(student, objective: Objective, batch, teacher) -> dict[st
         return [{k: v.tolist() for k, v in s.items()} for s in spans]
 
     cross = batch.teacher_mask is not None
+    projectors = [p.weight.detach().double().numpy() for p in objective.mta.projectors] if config.use_hid else None
     mta = reference.mta(
         {s: out.hidden_states[s].double().numpy() for s, _, _ in config.key_layers},
         {t: batch.teacher_states[t].double().numpy() for _, t, _ in config.key_layers},
-        batch.attention_mask.sum(1).tolist(), lists(batch.spans), config.key_layers,
-        [p.weight.detach().double().numpy() for p in objective.mta.projectors], config.lambda_dsa, config.lambda_hid,
-        teacher_lengths=batch.teacher_mask.sum(1).tolist() if cross else None,
+        batch.attention_mask.sum(1).tolist(), lists(batch.spans), config.key_layers, projectors,
+        pooling=config.student_pooling, teacher_lengths=batch.teacher_mask.sum(1).tolist() if cross else None,
         teacher_spans=lists(batch.teacher_spans) if cross else None)
-    return losses | {"dsa": mta["dsa"], "hid": mta["hid"], "loss": losses["loss"] + mta["mta"]}
+    dsa = mta["dsa"] if config.use_dsa else 0.0
+    hid = mta["hid"] if config.use_hid else 0.0
+    return losses | {"dsa": dsa, "hid": hid, "loss": losses["loss"] + config.lambda_dsa * dsa + config.lambda_hid * hid}
 
 
 @pytest.mark.parametrize("student_kind", ["pruned", "small", "own_tokenizer"])
