@@ -87,9 +87,10 @@ def test_one_step_equals_a_direct_adamw_step(grad_accum, max_grad_norm, tiny_fp3
     """The step of `mta train` is: the mean of `grad_accum` micro-batch losses, gradients clipped to a total
     norm of max_grad_norm (torch's rule: scaled by max_norm / (norm + 1e-6) when above), then AdamW with the
     student at --lr, the projectors at --projector-lr, both with --weight-decay. Recomputed here from the
-    initial weights with torch.optim.AdamW: the same weights after the step (within float32 rounding: 1e-7
-    absolute, 1e-6 relative; weight decay alone moves a weight by lr · decay = 2e-4 of its value) and the same Adam moments (they
-    record the clipped, averaged gradient, which Adam's first update itself hides)."""
+    initial weights with torch.optim.AdamW: the same weights after the step (within float32 rounding, 1e-7
+    absolute and 1e-6 relative, while weight decay alone moves a weight by lr · decay = 2e-4 of its value) and
+    the same Adam moments (they record the clipped, averaged gradient, which Adam's first update hides: it is
+    about lr · sign(gradient) whatever the gradient's scale)."""
     run = tmp_path / "run"
     train(pruned_config(run, tiny_fp32_cache, grad_accum=grad_accum, max_grad_norm=max_grad_norm, lr=LR,
                         projector_lr=PROJECTOR_LR, weight_decay=WEIGHT_DECAY))
