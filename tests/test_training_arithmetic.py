@@ -11,7 +11,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -68,8 +67,9 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def pruned_config(out: Path, cache: str, **options) -> TrainConfig:
-    """A 2-layer student pruned from the teacher, srkl (α = 0.5) + MTA, batches of 2, one step."""
+def run_config(out: Path, cache: str, **options) -> TrainConfig:
+    """One step, batches of 2, srkl (α = 0.5) + MTA, a 2-layer student pruned from the teacher, unless
+    `options` say otherwise."""
     settings = dict(init_from_teacher=True, keep_layers=2, batch_size=2, max_steps=1, seed=0, device="cpu",
                     objective=ObjectiveConfig(loss="srkl", mta=True)) | options
     return TrainConfig(out=str(out), cache=cache, **settings)
@@ -92,7 +92,7 @@ def test_one_step_equals_a_direct_adamw_step(grad_accum, max_grad_norm, tiny_fp3
     the same Adam moments (they record the clipped, averaged gradient, which Adam's first update hides: it is
     about lr · sign(gradient) whatever the gradient's scale)."""
     run = tmp_path / "run"
-    train(pruned_config(run, tiny_fp32_cache, grad_accum=grad_accum, max_grad_norm=max_grad_norm, lr=LR,
+    train(run_config(run, tiny_fp32_cache, grad_accum=grad_accum, max_grad_norm=max_grad_norm, lr=LR,
                         projector_lr=PROJECTOR_LR, weight_decay=WEIGHT_DECAY))
     student, objective = initial["student"].train(), initial["objective"]
     layers = sorted({TEACHER_LAST} | set(objective.config.teacher_layers))
@@ -138,7 +138,7 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine(tiny_fp32_cache, 
     """16 steps, warmup ratio 0.25: 4 warmup steps at lr·1/4, 2/4, 3/4, 4/4 (the first step already trains),
     then lr·½(1 + cos(π k / 12)) for k = 0..11 over the 12 remaining steps."""
     run = tmp_path / "run"
-    train(pruned_config(run, tiny_fp32_cache, objective=ObjectiveConfig(loss="sft"), batch_size=4, max_steps=16,
+    train(run_config(run, tiny_fp32_cache, objective=ObjectiveConfig(loss="sft"), batch_size=4, max_steps=16,
                         warmup_ratio=0.25, lr=LR, checkpoint_every=0))
     warmup = [LR * k / 4 for k in (1, 2, 3, 4)]
     decay = [LR * 0.5 * (1 + math.cos(math.pi * k / 12)) for k in range(12)]
@@ -153,7 +153,7 @@ def test_epoch_order_differs_between_epochs_and_is_a_function_of_seed_and_epoch(
     """Three epochs of `mta train`: each visits every sample once, in an order of its own; a fresh loader
     asked for the epochs in reverse order reproduces each one (a pure function of seed and epoch), and
     another seed gives another order."""
-    train(pruned_config(tmp_path / "run", tiny_fp32_cache, objective=ObjectiveConfig(loss="sft"), max_steps=None,
+    train(run_config(tmp_path / "run", tiny_fp32_cache, objective=ObjectiveConfig(loss="sft"), max_steps=None,
                         epochs=3, lr=0.0, checkpoint_every=0))
     seen = [batch.sample_indices for batch in initial["batches"]]
     per_epoch = [seen[4 * e:4 * e + 4] for e in range(3)]  # 8 samples in batches of 2
@@ -162,14 +162,11 @@ def test_epoch_order_differs_between_epochs_and_is_a_function_of_seed_and_epoch(
     assert all(sorted(order) == list(range(8)) for order in flat)
     assert flat[0] != flat[1] and flat[1] != flat[2] and flat[0] != flat[2]
 
-    def order(seed: int, epoch: int) -> list[list[int]]:
-        return [b.sample_indices for b in CacheBatches(reader, 2, [TEACHER_LAST], seed, pad_id,
-                                                       prefetch=False).iterate(epoch)]
-
     fresh = CacheBatches(reader, 2, [TEACHER_LAST], 0, pad_id, prefetch=False)
     for epoch in (2, 1, 0):
         assert [b.sample_indices for b in fresh.iterate(epoch)] == per_epoch[epoch]
-    assert order(1, 0) != per_epoch[0]
+    other_seed = CacheBatches(reader, 2, [TEACHER_LAST], 1, pad_id, prefetch=False)
+    assert [b.sample_indices for b in other_seed.iterate(0)] != per_epoch[0]
 
 
 # --- logged values of a first step ---------------------------------------------------------------------------
@@ -240,7 +237,7 @@ def test_first_step_logs_the_independently_computed_losses(student_kind, tiny_fp
     initial weights and the step's batch: for a student pruned from the teacher (srkl + MTA), one of another
     hidden size (srkl + MTA, projectors 32 -> 48) and one with its own tokenizer (sft + span-level MTA)."""
     run = tmp_path / "run"
-    train(pruned_config(run, tiny_fp32_cache, **other_students.get(student_kind, {})))
+    train(run_config(run, tiny_fp32_cache, **other_students.get(student_kind, {})))
     (batch,) = initial["batches"]
     assert (batch.teacher_mask is not None) == (student_kind == "own_tokenizer")
     expected = independent_losses(initial["student"].train(), initial["objective"], batch, teacher)
