@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mta_cli.losses import LogitHead, MTALoss, kd_loss, topk_kd_loss
+from mta_cli.train.objective import ObjectiveConfig
 from mta_cli.train.trainer import TrainConfig, key_layers
 from tests import reference
 
@@ -169,9 +170,11 @@ def test_cross_tokenizer_mta_equals_the_reference_with_coverage_masking():
 def test_explicit_student_layers_map_to_the_floor_of_the_relative_depth():
     """method.md §6: l_T = floor(l_S · N_T / N_S). With N_S = 3, N_T = 8: 8/3 = 2.67 -> 2, 16/3 = 5.33 -> 5,
     24/3 = 8 (ceil would give 3 and 6)."""
-    schedule = key_layers(TrainConfig(out="-", student_layers=[3, 1, 2]), 3, 8, list(range(9)))
+    mta = ObjectiveConfig(mta=True)
+    schedule = key_layers(TrainConfig(out="-", objective=mta, student_layers=[3, 1, 2]), 3, 8, list(range(9)))
     assert schedule == [(1, 2, "word"), (2, 5, "phrase"), (3, 8, "phrase")]
-    two_word = key_layers(TrainConfig(out="-", student_layers=[1, 2], word_layers=2), 3, 8, list(range(9)))
+    two_word = key_layers(TrainConfig(out="-", objective=mta, student_layers=[1, 2], word_layers=2), 3, 8,
+                          list(range(9)))
     assert two_word == [(1, 2, "word"), (2, 5, "word")]
 
 
