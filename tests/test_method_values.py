@@ -4,13 +4,15 @@ chunked KD loss with a scaled, soft-capped student head, with and without gradie
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from mta_cli.losses import LogitHead, MTALoss, kd_loss, topk_kd_loss
 from mta_cli.train.objective import ObjectiveConfig
-from mta_cli.train.trainer import TrainConfig, key_layers
+from mta_cli.train.trainer import TrainConfig, train
 from tests import reference
 
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -167,15 +169,18 @@ def test_cross_tokenizer_mta_equals_the_reference_with_coverage_masking():
 # --- key layers -------------------------------------------------------------------------------------------
 
 
-def test_explicit_student_layers_map_to_the_floor_of_the_relative_depth():
-    """method.md §6: l_T = floor(l_S · N_T / N_S). With N_S = 3, N_T = 8: 8/3 = 2.67 -> 2, 16/3 = 5.33 -> 5,
-    24/3 = 8 (ceil would give 3 and 6)."""
-    mta = ObjectiveConfig(mta=True)
-    schedule = key_layers(TrainConfig(out="-", objective=mta, student_layers=[3, 1, 2]), 3, 8, list(range(9)))
-    assert schedule == [(1, 2, "word"), (2, 5, "phrase"), (3, 8, "phrase")]
-    two_word = key_layers(TrainConfig(out="-", objective=mta, student_layers=[1, 2], word_layers=2), 3, 8,
-                          list(range(9)))
-    assert two_word == [(1, 2, "word"), (2, 5, "word")]
+def test_explicit_student_layers_map_to_the_floor_of_the_relative_depth(tiny_fp32_cache, tmp_path):
+    """method.md §6: l_T = floor(l_S · N_T / N_S). A 3-layer student of the 4-layer teacher given
+    --student-layers 3,2: 2 · 4/3 = 2.67 -> 2 (ceil would give 3) and 3 · 4/3 = 4. `mta train` announces and
+    saves the schedule [(2, 2, word), (3, 4, phrase)]."""
+    events = []
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), cache=tiny_fp32_cache, init_from_teacher=True, keep_layers=3, student_layers=[3, 2],
+                      objective=ObjectiveConfig(loss="sft", mta=True), batch_size=8, max_steps=1, checkpoint_every=0,
+                      device="cpu"), progress=lambda event, info: events.append((event, info)))
+    assert events[0][0] == "start" and events[0][1]["key_layers"] == [(2, 2, "word"), (3, 4, "phrase")]
+    saved = json.loads((run / "training_config.json").read_text())
+    assert saved["objective"]["key_layers"] == [[2, 2, "word"], [3, 4, "phrase"]]
 
 
 # --- the chunked KD loss ----------------------------------------------------------------------------------
