@@ -5,9 +5,11 @@ against truncated / altered / inconsistent / missing / incomplete shards, `mta c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,11 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
+import mta_cli
 from mta_cli import __version__
 from mta_cli.cache import inspect as cache_inspect
 from mta_cli.cache.reader import CacheReader
-from mta_cli.cache.store import CacheError
+from mta_cli.cache.store import CacheError, CacheWriter
 from mta_cli.extraction import ExtractConfig, extract
 from tests.test_extract import LINES, MAX_LENGTH, MAX_PROMPT, write_jsonl
 
@@ -308,6 +311,19 @@ def test_verify_on_a_path_that_is_not_a_cache(tmp_path):
 # --- 8. info, show, --version, --help ---------------------------------------------------------------------
 
 
+def shard_bytes_on_disk(cache: Path) -> int:
+    """Bytes of every array under shards/: its chunk files and its own zarr.json (groups' zarr.json not counted)."""
+    files = [p for p in (cache / "shards").rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files
+               if p.name != "zarr.json" or json.loads(p.read_text())["node_type"] == "array")
+
+
+def shard_raw_bytes(cache: Path) -> int:
+    """Bytes of every shard array once decoded."""
+    root = zarr.open_group(str(cache), mode="r")
+    return sum(a.nbytes for k in range(3) for a in shard_arrays(root, f"shards/{k:05d}").values())
+
+
 def test_cache_info_json(good):
     result = cli("cache", "info", good, "--json")
     assert result.exit_code == 0, result.output
@@ -318,9 +334,15 @@ def test_cache_info_json(good):
     assert info["state_dtype"] == "bf16" and info["top_k"] == 0 and info["teacher_layers"] == 4
     assert info["hidden_size"] == 48 and info["vocab_size"] == 400
     assert info["teacher_architecture"] == "LlamaForCausalLM"
-    assert info["bytes_per_token"] > 0 and 0 < info["compression_ratio"] < 1.5
-    # three bf16 layers of 48 values: at least a little under 2 x 3 x 48 bytes a token once compressed
-    assert 100 < info["bytes_per_token"] < 1000
+    # bytes on disk of the shards' arrays (chunks and each array's zarr.json), counted here from the files, per
+    # token and per raw byte of the decoded arrays: exact up to float rounding
+    stored, raw = shard_bytes_on_disk(good), shard_raw_bytes(good)
+    assert info["bytes_per_token"] == pytest.approx(stored / info["tokens"], rel=1e-12)
+    assert info["compression_ratio"] == pytest.approx(stored / raw, rel=1e-12)
+    # the states' chunks alone: three bf16 layers of 48 values are 288 raw bytes a token, which Blosc zstd with
+    # byte shuffle stores at about 0.75 of that (design.md); tolerance ±0.1
+    states = sum(p.stat().st_size for p in good.glob("shards/*/states/*/c/**/*") if p.is_file())
+    assert 0.65 < states / (info["tokens"] * 3 * 48 * 2) < 0.85
     assert info["bytes_on_disk"] == pytest.approx(
         info["bytes_per_token"] * info["tokens"] + info["head_bytes"], rel=1e-9)
     assert info["head_bytes"] > 0 and info["words_per_sample"] > 1 and info["phrases_per_sample"] > 1
@@ -344,10 +366,20 @@ def test_cache_show(good):
     assert result.exit_code == 1 and "sample 8 out of range; the cache holds 8 samples" in result.stderr
 
 
-def test_version_from_the_console_script():
-    result = subprocess.run([str(Path(sys.executable).parent / "mta"), "--version"], capture_output=True, text=True,
-                            timeout=120)
+def test_version_from_the_console_script(tmp_path):
+    """`mta --version` through the console-script entry point declared by this tree's pyproject.toml, run as
+    the generated `mta` launcher runs it, in a fresh interpreter with this tree first on its path (and a
+    working directory outside it): the process imports mta_cli from this tree, whatever `mta` is installed."""
+    repo = Path(__file__).resolve().parent.parent
+    assert Path(mta_cli.__file__).resolve() == repo / "mta_cli" / "__init__.py"
+    module, function = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["scripts"]["mta"].split(":")
+    launcher = (f"import sys, mta_cli; from {module} import {function}; sys.stderr.write(mta_cli.__file__); "
+                f"sys.argv[0] = 'mta'; sys.exit({function}())")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", launcher, "--version"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path, env=env)
     assert result.returncode == 0 and result.stdout.strip() == f"mta {__version__}"
+    assert Path(result.stderr).resolve() == repo / "mta_cli" / "__init__.py"
     assert cli("--version").stdout.strip() == f"mta {__version__}"
 
 
@@ -364,3 +396,31 @@ def test_a_cache_behind_an_fsspec_url_matches_the_local_one(scheme, tmp_path, ti
         assert np.array_equal(remote[i].input_ids, local[i].input_ids)
         for layer in local.layers:
             assert np.array_equal(remote[i].states[layer].numpy(), local[i].states[layer].numpy())
+
+
+def test_a_crash_inside_a_shards_array_writes_leaves_it_to_be_rewritten(tmp_path, tiny_teacher_dir, data_file, good,
+                                                                        monkeypatch):
+    """The disk fails after some of shard 1's arrays are written: that shard is not marked complete, so the
+    reader does not serve it, verify names it, and the resumed extraction rewrites it (reusing only shard 0)
+    into the cache an uninterrupted run makes."""
+    out = tmp_path / "cache.zarr"
+    write_arrays = CacheWriter.write_arrays
+
+    def fail_midway(self, group, arrays):
+        if group.path != "shards/00001":
+            return write_arrays(self, group, arrays)
+        write_arrays(self, group, dict(list(arrays.items())[:4]))
+        raise OSError("no space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CacheWriter, "write_arrays", fail_midway)
+        with pytest.raises(OSError, match="no space left on device"):
+            extract(config(tiny_teacher_dir, data_file, out))
+    root = zarr.open_group(str(out), mode="r")
+    assert len(list(root["shards/00001"].array_keys())) == 4  # the crash happened inside the shard's writes
+    assert not root["shards/00001"].attrs.get("complete")
+    assert CacheReader(out, allow_incomplete=True).shard_indices == [0]
+    assert "shards/00001: not marked complete" in cache_inspect.verify(str(out))
+    summary = extract(config(tiny_teacher_dir, data_file, out))
+    assert summary.shards_reused == 1 and summary.shards == 3
+    assert_identical_caches(out, good)

@@ -195,14 +195,19 @@ def test_bad_arguments(bl_tok):
         encode_record(bl_tok, record, max_prompt_length=-1)
 
 
-@pytest.mark.parametrize("max_length,max_prompt_length", [(512, 256), (48, 20), (30, 40), (12, 0)])
+# (100, 120): a prompt budget above the total one; the examples' prompts have 38 to 305 tokens, so records with
+# a short prompt keep a response (with (30, 40) none did, and the loop checked nothing)
+@pytest.mark.parametrize("max_length,max_prompt_length", [(512, 256), (48, 20), (100, 120), (12, 0)])
 @pytest.mark.parametrize("tok_name", ["bl_tok", "sp_tok"])
 def test_invariants_on_examples(request, tok_name, max_length, max_prompt_length):
     tok = request.getfixturevalue(tok_name)
-    for record in load_records(EXAMPLES).records:
+    records = load_records(EXAMPLES).records
+    kept = 0
+    for record in records:
         enc = encode_record(tok, record, max_length=max_length, max_prompt_length=max_prompt_length)
         if enc is None:
             continue
+        kept += 1
         lead = lead_count(tok, enc)
         assert len(enc.input_ids) <= max_length
         assert enc.n_prompt_tokens - lead <= max_prompt_length
@@ -212,3 +217,4 @@ def test_invariants_on_examples(request, tok_name, max_length, max_prompt_length
         assert_split(tok, enc)
         if tok_name == "bl_tok":  # the tiny sentencepiece vocab maps unseen characters to <unk>
             assert_offsets(tok, enc)
+    assert kept > 0  # the invariants were checked on records, not on an empty loop

@@ -3,17 +3,19 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import typer
 from rich.progress import Progress
 from rouge_score import rouge_scorer
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from mta_cli.cli_eval import eval_command
-from mta_cli.evaluation import evaluate, generate, reference_nll, render_table, rouge_l
-from mta_cli.records import Record
+from mta_cli.evaluation import FileResult, ModelResult, evaluate, generate, reference_nll, render_table, rouge_l
+from mta_cli.records import Record, load_records
 from tests import tiny
 
 PROMPTS = [
@@ -155,3 +157,61 @@ def test_eval_command_reports_a_missing_data_file(tmp_path, model_dirs):
     result = CliRunner().invoke(app, ["--model", model_dirs[0], "--data", missing])
     assert result.exit_code == 1
     assert missing in result.stderr and "not found" in result.stderr
+
+
+def test_average_over_files_is_the_population_std_of_the_per_seed_means():
+    """ModelResult.average: ROUGE-L per seed averaged over files, then mean and population std (ddof=0) over
+    seeds; NLL the mean over files and ppl its exp. Checked with numpy on values where ddof 0 and 1 differ."""
+    files = [FileResult(file=f"f{i}.jsonl", sha256="-", n_records=3, rougeL_mean=0.0, rougeL_std=0.0,
+                        rougeL_per_seed=dict(zip(("10", "20", "30"), scores)), nll=nll, ppl=math.exp(nll), wall_s=1.0)
+             for i, (scores, nll) in enumerate([((10.0, 14.0, 30.0), 2.0), ((20.0, 8.0, 12.0), 3.5)])]
+    average = ModelResult(model="m", load_s=0.0, files=files).average()
+    per_seed = np.mean([[10.0, 14.0, 30.0], [20.0, 8.0, 12.0]], axis=0)
+    assert average["rougeL_per_seed"] == pytest.approx(dict(zip(("10", "20", "30"), per_seed)), rel=1e-12)
+    assert average["rougeL_mean"] == pytest.approx(per_seed.mean(), rel=1e-12)
+    assert average["rougeL_std"] == pytest.approx(np.std(per_seed, ddof=0), rel=1e-12)
+    assert abs(np.std(per_seed, ddof=1) - np.std(per_seed, ddof=0)) > 0.5
+    assert average["nll"] == pytest.approx(2.75, rel=1e-12) and average["ppl"] == pytest.approx(np.exp(2.75), rel=1e-12)
+    assert average["wall_s"] == 2.0
+
+
+def hand_nll(model, tok, records) -> float:
+    """Token-mean NLL of the first reference (plus EOS) given the prompt, from the model's own logits."""
+    total, count = 0.0, 0
+    for r in records:
+        enc = tok(r.text, return_offsets_mapping=True)
+        ids = enc["input_ids"] + [tok.eos_token_id]
+        response = [i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > len(r.prompt)] + [len(ids) - 1]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].double()
+        targets = torch.tensor(response)
+        total += F.cross_entropy(logits[targets - 1], torch.tensor(ids)[targets], reduction="sum").item()
+        count += len(response)
+    return total / count
+
+
+def test_evaluate_figures_equal_independent_computations(model_dirs, data_files, bl_tok):
+    """Per file: ROUGE-L rescored here with rouge-score from the generations, its mean and population std
+    over seeds, and the NLL from the model's own logits with ppl its exp; the average over files with numpy.
+    16 new tokens: enough for the random model to score above 0 somewhere, so the std is not trivially 0."""
+    report = evaluate(model_dirs[:1], data_files, seeds=(10, 20), max_new_tokens=16, device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dirs[0]).eval()
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    result = report.models[0]
+    per_file = []
+    for f in result.files:
+        rows = [g for g in report.generations if g["file"] == f.file]
+        per_seed = [np.mean([100 * max(scorer.score(ref, g["prediction"])["rougeL"].fmeasure for ref in g["references"])
+                             for g in rows if g["seed"] == seed]) for seed in (10, 20)]
+        per_file.append(per_seed)
+        assert f.rougeL_per_seed == pytest.approx({"10": per_seed[0], "20": per_seed[1]}, rel=1e-12, abs=1e-12)
+        assert f.rougeL_mean == pytest.approx(np.mean(per_seed), abs=1e-12)
+        assert f.rougeL_std == pytest.approx(np.std(per_seed, ddof=0), abs=1e-12)
+        nll = hand_nll(model, bl_tok, load_records(f.file, tokenizer=bl_tok).records)
+        assert f.nll == pytest.approx(nll, rel=1e-5) and f.ppl == pytest.approx(np.exp(nll), rel=1e-5)
+    assert np.std(per_file, axis=1).max() > 0
+    average = report.to_json()["models"][0]["average"]
+    seed_means = np.mean(per_file, axis=0)
+    assert average["rougeL_mean"] == pytest.approx(seed_means.mean(), abs=1e-12)
+    assert average["rougeL_std"] == pytest.approx(np.std(seed_means, ddof=0), abs=1e-12)
+    assert average["nll"] == pytest.approx(np.mean([f.nll for f in result.files]), rel=1e-12)

@@ -405,3 +405,57 @@ def test_cli_extract_help_has_an_example():
     result = cli("extract", "--help")
     assert result.exit_code == 0
     assert "Example" in result.stdout and "mta extract --teacher" in result.stdout
+
+
+# --- 2b. a head with a bias, a scale, a soft-cap ---------------------------------------------------------
+
+
+def phi_with_a_head_bias(tok):
+    """Phi's output head has a bias; a random one (HF initialises it to zero) so that dropping it shows."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    config = PhiConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    model = PhiForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.bias.normal_()
+    return model
+
+
+def cohere_with_a_logit_scale(tok):
+    from transformers import CohereConfig, CohereForCausalLM
+
+    torch.manual_seed(0)
+    config = CohereConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          logit_scale=0.25, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          bos_token_id=tok.eos_token_id)
+    return CohereForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind,teacher_dtype", [("phi_bias", "fp32"), ("phi_bias", "bf16"), ("cohere_scale", "fp32")])
+def test_head_bias_and_scale_are_read_back_and_reproduce_the_logits(kind, teacher_dtype, tmp_path, bl_tok):
+    """The stored head's bias and scale come back from the cache, the weight and bias bit for bit in the
+    teacher's precision (as float32), and the head read back reproduces the teacher's own logits (bf16: within
+    bf16 rounding); without the bias (the scale) they would be far off."""
+    build = {"phi_bias": phi_with_a_head_bias, "cohere_scale": cohere_with_a_logit_scale}[kind]
+    folder = tiny.save_tiny_model(tmp_path / "teacher", bl_tok, build(bl_tok))
+    _, reader = run(folder, write_jsonl(tmp_path / "alpaca.jsonl", ALPACA[:2]), tmp_path / "cache.zarr",
+                    dtype="fp32", teacher_dtype=teacher_dtype, batch_size=2)
+    model = load_causal_lm(str(folder), teacher_dtype, "cpu")
+    head = reader.head
+    assert head.weight.dtype == torch.float32 and torch.equal(head.weight, model.lm_head.weight.detach().float())
+    sample = reader[0]
+    _, logits = direct(model, sample.input_ids)
+    last = sample.states[2]
+    tolerance = {"fp32": 1e-5, "bf16": 0.05}[teacher_dtype]
+    torch.testing.assert_close(head(last), logits.float(), rtol=tolerance, atol=tolerance)
+    if kind == "phi_bias":
+        assert head.bias is not None and torch.equal(head.bias, model.lm_head.bias.detach().float())
+        assert head.scale == 1.0 and head.softcap is None
+        assert (dataclasses.replace(head, bias=None)(last) - logits.float()).abs().max() > 0.5
+    else:
+        assert head.bias is None and head.scale == 0.25 and head.softcap is None
+        assert (dataclasses.replace(head, scale=1.0)(last) - logits.float()).abs().max() > 0.5

@@ -17,6 +17,7 @@ from mta_cli.losses import (
     importance_weights,
     pool_spans,
 )
+from tests import reference
 
 H3 = np.array([[1.0, 2.0, 0.5], [-1.0, 0.0, 2.0], [0.5, 0.5, -1.5]])  # 3 tokens, d = 3
 
@@ -253,3 +254,19 @@ def test_default_teacher_layers():
     assert default_teacher_layers(1) == [1]
     with pytest.raises(ValueError):
         default_teacher_layers(0)
+
+
+@pytest.mark.parametrize("pooling", ["student", "teacher"])
+def test_mta_loss_values_equal_the_float64_reference(pooling):
+    """The batch of test_mta_loss_end_to_end_values_and_gradients: DSA, Hid and their λ-weighted sum equal
+    tests/reference.py's independent computation (float32 here, hence rel 1e-5), not only each other."""
+    torch.manual_seed(0)
+    mta = MTALoss(KEY_LAYERS, student_dim=8, teacher_dim=12, lambda_dsa=2.0, lambda_hid=0.2, student_pooling=pooling)
+    student, teacher = states([1, 2], 8, 0), states([2, 4], 12, 1)
+    out = mta(student, teacher, MASK, SPANS)
+    as_numpy = lambda s: {k: v.detach().double().numpy() for k, v in s.items()}  # noqa: E731
+    expected = reference.mta(as_numpy(student), as_numpy(teacher), MASK.sum(1).tolist(),
+                             [{k: v.tolist() for k, v in s.items()} for s in SPANS], KEY_LAYERS,
+                             [p.weight.detach().double().numpy() for p in mta.projectors], pooling=pooling)
+    for key in ("dsa", "hid", "mta"):
+        assert out[key].item() == pytest.approx(expected[key], rel=1e-5), key

@@ -39,6 +39,7 @@ from mta_cli.training.objective import Objective, ObjectiveConfig
 from mta_cli.training.online import OnlineBatches, live_samples
 from mta_cli.training.trainer import Source, TrainConfig
 from tests import tiny
+from tests.test_training_arithmetic import independent_losses
 
 MAX_LENGTH, MAX_PROMPT = 64, 32
 CPU = torch.device("cpu")
@@ -273,3 +274,17 @@ def test_bf16_cache_is_close_to_live_teacher(name, options, batches, heads, stud
         cosine = torch.nn.functional.cosine_similarity(off_grads[key].flatten(), on_grads[key].flatten(), dim=0)
         if on_grads[key].abs().max() > 0:
             assert cosine > 0.99, f"{name}: gradient of {key}, cosine {cosine.item():.4f}"
+
+
+@pytest.mark.parametrize("name,options", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_fp32_cache_losses_equal_independent_values(name, options, batches, heads, student, teacher):
+    """Equal offline and online values could share a mistake: every component from the fp32 cache also equals
+    the method's formulas evaluated independently (numpy divergences on the live teacher's logits, the
+    float64 MTA reference), within float32 rounding."""
+    objective = make_objective(options, heads["fp32"])
+    with torch.no_grad():
+        losses = objective(student, batches["fp32"])
+    expected = independent_losses(student, objective, batches["fp32"], teacher)
+    assert set(losses) == set(expected), name
+    for key, value in expected.items():
+        assert losses[key].item() == pytest.approx(value, rel=1e-4, abs=1e-7), f"{name} {key}"
