@@ -66,20 +66,16 @@ def load_spacy(model: str = "auto"):
     import spacy  # imported here: importing spaCy takes about a second
 
     names = SPACY_MODELS if model == "auto" else (model,)
-    errors = []
     for name in names:
         try:
             nlp = spacy.load(name, exclude=list(DISABLED_PIPES))
-        except OSError as e:
-            errors.append(f"{name}: {e}")
+        except OSError:  # spaCy's own message for a missing package is a paragraph: ours says what to do
             continue
         if "parser" not in nlp.pipe_names:
             raise SegmentationError(f"spaCy model {name!r} has no parser, which noun chunks need")
         return nlp
-    raise SegmentationError(
-        f"no spaCy model could be loaded (tried {', '.join(names)}); install one with: {INSTALL_HINT}\n"
-        + "\n".join(errors)
-    )
+    raise SegmentationError(f"no spaCy model could be loaded (tried {', '.join(names)}: not installed, or not a "
+                            f"spaCy pipeline); install one with: {INSTALL_HINT}")
 
 
 def drop_nested(spans: np.ndarray) -> np.ndarray:

@@ -297,3 +297,17 @@ def test_an_unknown_spacy_model_is_one_line_before_the_teacher_loads(tmp_path, t
                  "--skip-invalid", "--spacy-model", "xx_fake")
     assert result.exit_code == 1 and "no spaCy model could be loaded (tried xx_fake)" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "c.zarr").exists()
+
+
+def test_two_extractions_started_together_leave_one_sound_cache(tmp_path, tiny_teacher_dir, long_data):
+    """The lock lets one extraction write; the other stops with the holder's pid (or, if it comes after the first
+    finished, reuses every shard). Either way no shard is marked complete without its arrays."""
+    args = ["extract", "--teacher", tiny_teacher_dir, "--data", long_data, "--shard-size", 2, "--batch-size", 1,
+            "--max-length", 64, "--max-prompt-length", 32, "--device", "cpu", "--out", tmp_path / "cache.zarr"]
+    first, second = mta(*args), mta(*args)
+    outcomes = [(p.wait(), p.stderr.read()) for p in (first, second)]
+    assert sorted(rc for rc, _ in outcomes) in ([0, 0], [0, 1]), outcomes
+    for rc, stderr in outcomes:
+        if rc:
+            assert "is being written by another extraction (pid " in stderr and "Traceback" not in stderr
+    assert cache_inspect.verify(str(tmp_path / "cache.zarr")) == []
