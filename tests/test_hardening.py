@@ -295,7 +295,8 @@ def test_a_device_that_is_not_there_is_one_line(device, message, tmp_path, good,
 def test_an_unknown_spacy_model_is_one_line_before_the_teacher_loads(tmp_path, tiny_teacher_dir, data_file):
     result = cli("extract", "--teacher", tiny_teacher_dir, "--data", data_file, "--out", tmp_path / "c.zarr",
                  "--skip-invalid", "--spacy-model", "xx_fake")
-    assert result.exit_code == 1 and "no spaCy model could be loaded (tried xx_fake)" in result.stderr
+    assert result.exit_code == 1 and "no spaCy model could be loaded (tried xx_fake: not installed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr and not (tmp_path / "c.zarr").exists()
 
 
