@@ -8,8 +8,9 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mta_cli.cli_support import check_writable_file, err, out, reported_errors
+from mta_cli.cli_support import err, out, reported_errors
 from mta_cli.evaluation import DEFAULT_SEEDS, EvalError, evaluate, render_table, render_trajectory
+from mta_cli.outputs import check_file
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -54,8 +55,8 @@ def eval_command(
         seed_list = _parse_seeds(seeds)
         if generations is None and json_out is not None:
             generations = json_out.with_name(json_out.stem + ".generations.jsonl")
-        check_writable_file(json_out, "--json")
-        check_writable_file(generations, "--generations")
+        check_file(json_out, "--json")
+        check_file(generations, "--generations")
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True, disable=not err.is_terminal) as progress:
             report = evaluate(model, data, seeds=seed_list, greedy=greedy, max_new_tokens=max_new_tokens,

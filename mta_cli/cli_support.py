@@ -8,9 +8,7 @@ cause and what to do, and exits 1; `mta --debug ...` adds the traceback.
 from __future__ import annotations
 
 import errno
-import os
 from contextlib import contextmanager
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -44,21 +42,6 @@ def os_error_message(error: OSError) -> str:
     cause = error.strerror or str(error)
     advice = OS_ADVICE.get(error.errno, "")
     return f"{where}: {cause}" + (f"; {advice}" if advice else "")
-
-
-def check_writable_file(path: Path | None, option: str) -> None:
-    """Refuse an output file that cannot be written, before any slow work: a folder, a missing or
-    read-only parent folder."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{option} {path} is a folder; give a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ValueError(f"{option} {path}: the folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"{option} {path} is not writable (read-only file system or no permission)")
 
 
 def fail(message: str) -> typer.Exit:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from mta_cli.models import ModelLoadError, load_causal_lm, n_layers
+from mta_cli.outputs import check_folder
 
 
 def evenly_spaced(n: int, keep: int) -> list[int]:
@@ -57,15 +57,9 @@ def check_model_output(path: Path | str, force: bool = False) -> None:
     """Refuse to save a model at `path` when that would overwrite one (unless `force`), or cannot work (a file,
     a file among its parents, a read-only location); before any model is loaded."""
     path = Path(path)
-    if path.is_file():
-        raise ValueError(f"--out {path} is a file; give a folder for the model")
+    check_folder(path)
     if path.is_dir() and any(path.iterdir()) and not force:
         raise ValueError(f"--out {path} already holds files; choose another --out, or pass --force to replace them")
-    parent = next(p for p in [path, *path.parents] if p.exists())
-    if not parent.is_dir():
-        raise ValueError(f"--out {path}: {parent} is a file, so no folder can be made under it")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {path}: {parent} is not writable (read-only file system or no permission)")
 
 
 def build_student(student: str | None = None, init_from_teacher: str | None = None, keep_layers: int | None = None,

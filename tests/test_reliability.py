@@ -266,7 +266,7 @@ class Events:
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: p.write_text("x"), "is a file; give a folder for the cache"),
+    (lambda p: p.write_text("x"), "is a file; give a folder"),
     (lambda p: (p.parent / "file").write_text("x"), "is a file, so no folder can be made under it"),
     (lambda p: (p.mkdir(), (p / "notes.txt").write_text("keep me")), "holds other files (notes.txt) and no mta cache"),
 ])

@@ -22,6 +22,7 @@ import zarr
 from mta_cli.cache.integrity import confirm_written
 from mta_cli.cache.layout import FORMAT_VERSION, INNER_CHUNK_ROWS, compressors, shard_name
 from mta_cli.cache.lock import CacheLock, LockedError, local_path
+from mta_cli.outputs import check_folder
 
 
 class CacheError(RuntimeError):
@@ -65,28 +66,13 @@ def check_output(url: str, force: bool = False) -> None:
     path = local_path(url)
     if path is None:
         return
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CacheError(f"--out {url}: {parent} is a file, so no folder can be made under it")
-            break
-    if path.is_file():
-        raise CacheError(f"--out {url} is a file; give a folder for the cache")
+    check_folder(path, "--out", CacheError)
     if path.is_dir() and not force:
         entries = [p.name for p in path.iterdir()]
         if entries and "zarr.json" not in entries:
             raise CacheError(f"--out {url} is a folder that holds other files ({', '.join(sorted(entries)[:3])}"
                              f"{', ...' if len(entries) > 3 else ''}) and no mta cache; choose another --out, or "
                              "pass --force to replace its contents")
-    probe = path if path.is_dir() else next(p for p in path.parents if p.exists())
-    if not _writable(probe):
-        raise CacheError(f"--out {url}: {probe} is not writable (read-only file system or no permission)")
-
-
-def _writable(folder: Path) -> bool:
-    import os
-
-    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def _clear(url: str) -> None:

@@ -5,11 +5,11 @@ run's record (`training_config.json`), which must keep saying what was trained.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 from mta_cli import __version__
+from mta_cli.outputs import check_folder
 from mta_cli.training.checkpoint import latest_checkpoint
 
 RECORD = "training_config.json"
@@ -42,13 +42,7 @@ def holds_run(out: Path) -> bool:
 
 def check_run_folder(out: Path, config) -> None:
     """Refuse an --out this run cannot use, before anything is loaded (ValueError with what to do)."""
-    if out.is_file():
-        raise ValueError(f"--out {out} is a file; give a folder for the run")
-    existing = next(p for p in [out, *out.parents] if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"--out {out}: {existing} is a file, so no folder can be made under it")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {existing} is not writable (read-only file system or no permission)")
+    check_folder(out)
     if not out.is_dir():
         return
     if holds_run(out):
