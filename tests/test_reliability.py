@@ -345,3 +345,26 @@ def test_no_partial_file_survives_a_resumed_extraction(tmp_path, tiny_teacher_di
     stale.write_text("{")
     extract(config(tiny_teacher_dir, data_file, cache))
     assert not list(cache.rglob("*.partial"))
+
+
+# --- eval checks its outputs first, and skips invalid records when asked --------------------------------------
+
+
+def test_eval_refuses_an_unwritable_json_before_generating(tmp_path, tiny_teacher_dir, data_file):
+    started = time.perf_counter()
+    result = cli("eval", "--model", tiny_teacher_dir, "--data", data_file, "--json", tmp_path / "missing" / "e.json",
+                 "--skip-invalid")
+    assert result.exit_code == 1 and time.perf_counter() - started < 10
+    assert "--json" in result.stderr and "does not exist; create it first" in result.stderr
+    assert result.stdout == ""  # no table: nothing was generated
+
+
+def test_eval_skip_invalid_scores_the_valid_records(tmp_path, tiny_teacher_dir, data_file):
+    refused = cli("eval", "--model", tiny_teacher_dir, "--data", data_file, "--greedy", "--max-new-tokens", 4)
+    assert refused.exit_code == 1 and "records.jsonl:6: field 'output': missing" in refused.stderr
+    assert "--skip-invalid" in refused.stderr
+    out = tmp_path / "e.json"
+    result = cli("eval", "--model", tiny_teacher_dir, "--data", data_file, "--greedy", "--max-new-tokens", 4,
+                 "--skip-invalid", "--json", out)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(out.read_text())["models"][0]["files"][0]["n_records"] == 8
