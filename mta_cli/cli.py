@@ -60,6 +60,13 @@ def parse_ints(text: str | None, option: str) -> list[int] | None:
         raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
+def left_at_default(ctx: typer.Context, name: str) -> bool | None:
+    """Whether option `name` kept its default (None when it is no option); typer ships its own click, so the
+    source is compared by name."""
+    source = ctx.get_parameter_source(name)
+    return None if source is None else source.name == "DEFAULT"
+
+
 def version_callback(value: bool) -> None:
     if value:
         out.print(f"mta {__version__}")
@@ -192,6 +199,7 @@ class ExtractProgress:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     out_path: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.jsonl, final student"),
     cache: str = typer.Option(None, "--cache", help="extraction cache (offline training)"),
     teacher: str = typer.Option(None, "--teacher", help="with --cache: where the cache's teacher is now (checked "
@@ -201,9 +209,13 @@ def train(
     init_from_teacher: bool = typer.Option(False, "--init-from-teacher", help="student = depth-pruned teacher copy"),
     keep_layers: int = typer.Option(None, "--keep-layers", min=1, help="layers kept by --init-from-teacher"),
     student_config: str = typer.Option(None, "--student-config", help="JSON model config: random-init student"),
+    recipe: str = typer.Option(None, "--recipe", help="a published method's settings as defaults (explicit options "
+                               "win): distillm = skl, --kd-alpha 1, --skew-lambda 0.1, --lr 5e-4, no warmup"),
     loss: str = typer.Option("srkl", "--loss", help="sft, fkl, rkl, skl, srkl, js, tvd or akl"),
     kd_alpha: float = typer.Option(0.5, "--kd-alpha", min=0.0, max=1.0, help="loss = (1-α) CE + α D"),
     temperature: float = typer.Option(1.0, "--temperature", min=1e-3, help="KD temperature"),
+    skew_lambda: float = typer.Option(0.1, "--skew-lambda", help="λ of the skew KLs skl / srkl (DistiLLM: 0.1)"),
+    akl_mu: float = typer.Option(0.5, "--akl-mu", help="μ of akl: teacher mass of the head (AKL: 0.5)"),
     topk: bool = typer.Option(False, "--topk", help="base loss from the cache's top-k teacher log-probs (extract "
                                                     "--top-k) instead of exact logits; sft or fkl"),
     mta: bool = typer.Option(False, "--mta", help="add MTA: DSA + Hid along the key layers"),
@@ -213,6 +225,9 @@ def train(
     lambda_hid: float = typer.Option(0.2, "--lambda-hid", min=0.0),
     student_pooling: str = typer.Option("student", "--student-pooling", help="weights pooling student spans: "
                                                                              "student or teacher"),
+    mta_weighting: str = typer.Option("paper", "--mta-weighting", help="paper: L_base + λ·MTA; group (the MTA "
+                                      "group's code): (1-α) CE + α (D + λ·MTA), Hid's teacher weights renormalised "
+                                      "over covered tokens"),
     student_layers: str = typer.Option(None, "--student-layers", help="key student layers, e.g. 4,6,8 [default: "
                                        "with --cache, each cached teacher layer paired with the student layer at "
                                        "the same relative depth; online, N, N-N/4, N-N/2]"),
@@ -244,23 +259,36 @@ def train(
         mta train --cache cache.zarr --init-from-teacher --keep-layers 8 --loss srkl --mta --out runs/srkl-mta
     """
     from mta_cli.training.objective import ObjectiveConfig
+    from mta_cli.training.recipes import recipe as recipe_settings
     from mta_cli.training.trainer import TrainConfig
     from mta_cli.training.trainer import train as run_train
 
     with reported_errors():
-        objective = ObjectiveConfig(loss=loss, kd_alpha=kd_alpha, temperature=temperature, mta=mta, topk=topk,
-                                    use_dsa=not no_dsa, use_hid=not no_hid, lambda_dsa=lambda_dsa,
-                                    lambda_hid=lambda_hid, student_pooling=student_pooling)
-        config = TrainConfig(
+        objective = dict(loss=loss, kd_alpha=kd_alpha, temperature=temperature, mta=mta, topk=topk,
+                         use_dsa=not no_dsa, use_hid=not no_hid, lambda_dsa=lambda_dsa, lambda_hid=lambda_hid,
+                         student_pooling=student_pooling, skew_lambda=skew_lambda, akl_mu=akl_mu,
+                         mta_weighting=mta_weighting)
+        options = dict(
             out=str(out_path), cache=cache, teacher=teacher, data=data, student=student,
             init_from_teacher=init_from_teacher, keep_layers=keep_layers, student_config=student_config,
-            objective=objective, student_layers=parse_ints(student_layers, "--student-layers"),
+            student_layers=parse_ints(student_layers, "--student-layers"),
             teacher_layers=parse_ints(teacher_layers, "--teacher-layers"), word_layers=word_layers, lr=lr,
             projector_lr=projector_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             max_grad_norm=max_grad_norm, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume, device=device,
             max_length=max_length, max_prompt_length=max_prompt_length,
         )
+        if recipe:  # the recipe's settings replace what the command line left at its defaults
+            settings = recipe_settings(recipe)
+
+            def explicit(values: dict, part: str) -> dict:
+                return {k: v for k, v in values.items()
+                        if k not in settings[part] or not left_at_default(ctx, k)}
+
+            config = TrainConfig.from_recipe(recipe, objective=explicit(objective, "objective"),
+                                             **explicit(options, "train"))
+        else:
+            config = TrainConfig(objective=ObjectiveConfig(**objective), **options)
         with TrainProgress() as on_event:
             summary = run_train(config, progress=on_event)
     if as_json:

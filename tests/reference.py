@@ -4,10 +4,12 @@ plain numpy loops, not from the library's code, so that tests can hold the libra
 Where method.md leaves a choice open, the reference follows the library's documented choice:
 - importance weights use the unbiased std (N - 1) over the hidden dim; one valid token gets w = 1;
 - a span without weight keeps its row with U = 0 and ω = 0;
-- token Hid sums w^T over the covered tokens without renormalising them;
+- token Hid sums w^T over the covered tokens without renormalising them (renormalised over them with
+  `normalize_hid`, the MTA group's code);
 - with two tokenizers a span counts only where the student has a token of it (ω masked, renormalised)
   and Hid compares span representations;
-- every term is the mean over key layers and samples.
+- every term is, per key layer, the mean over the samples that can contribute (DSA: two or more spans
+  with weight; Hid: covered tokens with weight), then the mean over the key layers that have one.
 """
 
 from __future__ import annotations
@@ -80,10 +82,17 @@ def hid_spans(u_s: np.ndarray, u_t: np.ndarray, projector: np.ndarray, omega: np
     return sum(omega[k] * (1 - cosine(projector @ u_s[k], u_t[k])) for k in range(len(omega)))
 
 
+def mean_of_means(per_layer: list[list[float]]) -> float:
+    """Mean over layers of each layer's mean over its contributing samples; layers without one left out."""
+    means = [sum(values) / len(values) for values in per_layer if values]
+    return sum(means) / len(means) if means else 0.0
+
+
 def mta(student: dict, teacher: dict, lengths: list[int], spans: list[dict], key_layers, projectors,
         lambda_dsa: float = 2.0, lambda_hid: float = 0.2, pooling: str = "student",
-        teacher_lengths: list[int] | None = None, teacher_spans: list[dict] | None = None) -> dict[str, float]:
-    """§7's MTA part of a batch: {"dsa", "hid", "mta"}, each term the mean over key layers and samples.
+        teacher_lengths: list[int] | None = None, teacher_spans: list[dict] | None = None,
+        normalize_hid: bool = False) -> dict[str, float]:
+    """§7's MTA part of a batch: {"dsa", "hid", "mta"}, each term averaged as the module docstring says.
 
     student {layer: [B, T, dS]}, teacher {layer: [B, T', dT]} arrays; lengths: valid tokens per sample;
     spans: per sample {"word": [[start, end)], "phrase": ...} token ranges; key_layers (student layer,
@@ -91,8 +100,9 @@ def mta(student: dict, teacher: dict, lengths: list[int], spans: list[dict], key
     teacher_lengths / teacher_spans: the teacher's own grid when the student has another tokenizer.
     """
     cross = teacher_spans is not None
-    dsa_sum = hid_sum = 0.0
+    dsa_terms, hid_terms = [], []
     for i, (layer_s, layer_t, granularity) in enumerate(key_layers):
+        dsa_layer, hid_layer = [], []
         for b, n in enumerate(lengths):
             n_t = teacher_lengths[b] if cross else n
             h_s, h_t = student[layer_s][b, :n], teacher[layer_t][b, :n_t]
@@ -105,16 +115,22 @@ def mta(student: dict, teacher: dict, lengths: list[int], spans: list[dict], key
             if cross:
                 omega = omega * (omega_s > 0)
                 omega = omega / omega.sum() if omega.sum() > 0 else omega
-            dsa_sum += dsa(u_s, u_t, omega)
+            if (omega > 0).sum() >= 2:
+                dsa_layer.append(dsa(u_s, u_t, omega))
             if projectors is None:
                 continue
             if cross:
-                hid_sum += hid_spans(u_s, u_t, projectors[i], omega)
-            else:
-                covered = sorted({t for start, end in ranges_s for t in range(start, end)})
-                hid_sum += hid_tokens(h_s, h_t, projectors[i], w_t, covered)
-    count = len(key_layers) * len(lengths)
-    dsa_mean, hid_mean = dsa_sum / count, hid_sum / count
+                if (omega > 0).any():
+                    hid_layer.append(hid_spans(u_s, u_t, projectors[i], omega))
+                continue
+            covered = sorted({t for start, end in ranges_s for t in range(start, end)})
+            mass = sum(w_t[t] for t in covered)
+            if mass > 0:
+                weights = w_t / mass if normalize_hid else w_t
+                hid_layer.append(hid_tokens(h_s, h_t, projectors[i], weights, covered))
+        dsa_terms.append(dsa_layer)
+        hid_terms.append(hid_layer)
+    dsa_mean, hid_mean = mean_of_means(dsa_terms), mean_of_means(hid_terms)
     return {"dsa": dsa_mean, "hid": hid_mean, "mta": lambda_dsa * dsa_mean + lambda_hid * hid_mean}
 
 

@@ -10,6 +10,8 @@ cross-entropy and the divergence. Mixtures such as λ p + (1 - λ) q are formed 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -68,17 +70,20 @@ def tvd(ls: Tensor, lt: Tensor) -> Tensor:
 def adaptive_kl(ls: Tensor, lt: Tensor, mu: float = 0.5) -> Tensor:
     """Adaptive KL (AKL, Wu et al. 2024): FKL and RKL mixed by where the two distributions differ.
 
-    Sort the vocabulary by teacher probability ascending; the tail is the tokens whose cumulative
-    teacher probability is <= μ, the head the rest. With the detached gaps g_head = Σ_head |p_T - p_S|
+    As in the AKL authors' code: sort the vocabulary by teacher probability, descending; the head is
+    the tokens whose cumulative teacher probability is <= μ, plus the most probable token (so a top-1
+    above μ is still the head); the tail is the rest. With the detached gaps g_head = Σ_head |p_T - p_S|
     and g_tail = Σ_tail |p_T - p_S|: AKL = g_head / (g_head + g_tail) FKL + g_tail / (g_head + g_tail) RKL.
-    Identical distributions give 0. [N, V] x2 -> [N].
+    p_T = [.3, .3, .2, .2], p_S = [.4, .2, .2, .2]: head = one .3 token, tail = the rest, gaps .1 and .1:
+    AKL = ½ FKL + ½ RKL. Identical distributions give 0. [N, V] x2 -> [N].
     """
     with torch.no_grad():
-        pt_sorted, order = lt.exp().sort(dim=-1)
+        pt_sorted, order = lt.exp().sort(dim=-1, descending=True)
         gap = (pt_sorted - ls.exp().gather(-1, order)).abs()
-        tail = pt_sorted.cumsum(-1) <= mu
-        g_tail = (gap * tail).sum(-1)
-        g_head = (gap * ~tail).sum(-1)
+        head = pt_sorted.cumsum(-1) <= mu
+        head[..., 0] = True
+        g_head = (gap * head).sum(-1)
+        g_tail = (gap * ~head).sum(-1)
         total = (g_head + g_tail).clamp_min(torch.finfo(gap.dtype).tiny)
     return g_head / total * _kl(lt, ls) + g_tail / total * _kl(ls, lt)
 
@@ -100,6 +105,15 @@ def topk_forward_kl(ls: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, rest_ma
     r = rest_mass.to(ls.dtype).clamp_min(0.0)
     rest_term = torch.where(r > 0, r * (r.log() - ls_rest), torch.zeros_like(r))
     return (lt_k.exp() * (lt_k - ls_k)).sum(-1) + rest_term
+
+
+def bound_divergence(name: str, skew_lambda: float = 0.1, akl_mu: float = 0.5) -> Callable[[Tensor, Tensor], Tensor]:
+    """DIVERGENCES[name] with its parameter bound: the skew λ of skl / srkl, the μ of akl."""
+    if name in ("skl", "srkl"):
+        return partial(DIVERGENCES[name], lam=skew_lambda)
+    if name == "akl":
+        return partial(DIVERGENCES[name], mu=akl_mu)
+    return DIVERGENCES[name]
 
 
 DIVERGENCES = {

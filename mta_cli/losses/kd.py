@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mta_cli.losses.divergences import DIVERGENCES, log_probs, topk_forward_kl
+from mta_cli.losses.divergences import DIVERGENCES, bound_divergence, log_probs, topk_forward_kl
 
 LOSSES = ("sft", *DIVERGENCES)
 
@@ -172,18 +172,19 @@ def _chunked(fn: Callable[..., Tensor], head: LogitHead, coef: Tensor, n: int, c
 
 
 def kd_loss_from_logits(
-    student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, loss: str, alpha: float, temperature: float
+    student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, loss: str, alpha: float, temperature: float,
+    skew_lambda: float = 0.1, akl_mu: float = 0.5,
 ) -> dict[str, Tensor]:
     """The base loss from full logits, student_logits [N, V], teacher_logits [N, V] (unused for "sft"), labels [N].
 
     Returns {"loss", "ce", "kd"} (no "kd" for "sft"), scalar means over the N positions.
-    Reference for `kd_loss` and the loss of the online baseline.
+    Reference for `kd_loss` and the loss of the online baseline. skew_lambda / akl_mu: see `bound_divergence`.
     """
     _check(loss, alpha, temperature)
     if loss == "sft":
         sums = _sums(student_logits, labels, None, temperature)
     else:
-        sums = _sums(student_logits, labels, DIVERGENCES[loss], temperature,
+        sums = _sums(student_logits, labels, bound_divergence(loss, skew_lambda, akl_mu), temperature,
                      (_teacher_logp(teacher_logits, temperature),))
     return _reduce(sums, labels.numel(), loss, alpha)
 
@@ -198,6 +199,8 @@ def kd_loss(
     alpha: float,
     temperature: float,
     chunk_size: int = 1024,
+    skew_lambda: float = 0.1,
+    akl_mu: float = 0.5,
 ) -> dict[str, Tensor]:
     """The base loss from last hidden states, with logits computed chunk by chunk (see module docstring).
 
@@ -206,13 +209,14 @@ def kd_loss(
     Returns what `kd_loss_from_logits` returns for the full logits.
     """
     _check(loss, alpha, temperature)
+    divergence = bound_divergence(loss, skew_lambda, akl_mu) if loss != "sft" else None
 
     def chunk_sums(head: LogitHead, s_hidden: Tensor, t_hidden: Tensor | None, chunk_labels: Tensor) -> Tensor:
-        if loss == "sft":
+        if divergence is None:
             return _sums(head(s_hidden), chunk_labels, None, temperature)
         with torch.no_grad():
             t_logp = _teacher_logp(teacher_head(t_hidden), temperature)
-        return _sums(head(s_hidden), chunk_labels, DIVERGENCES[loss], temperature, (t_logp,))
+        return _sums(head(s_hidden), chunk_labels, divergence, temperature, (t_logp,))
 
     n = labels.numel()
     coef = _coefficients(loss, alpha, n, torch.promote_types(student_hidden.dtype, torch.float32))

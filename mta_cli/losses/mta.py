@@ -111,6 +111,18 @@ def hid_loss_spans(u_s: Tensor, u_t: Tensor, projector: nn.Linear, omega: Tensor
     return (omega.detach() * _projected_cosine_distance(projector, u_s, u_t)).sum()
 
 
+def mean_over_valid(values: list[Tensor], valid: list[Tensor]) -> Tensor:
+    """Mean over key layers of each layer's mean over the samples that count, without a host sync.
+
+    values, valid: one [B] tensor per key layer (valid: 1.0 where the sample contributes). A layer with no
+    valid sample is left out of the layer mean; no valid sample at all gives 0."""
+    values, valid = torch.stack(values), torch.stack(valid)   # [L, B]
+    counts = valid.sum(dim=1)                                 # [L]
+    per_layer = (values * valid).sum(dim=1) / counts.clamp_min(1)
+    layers = (counts > 0).to(per_layer.dtype)
+    return (per_layer * layers).sum() / layers.sum().clamp_min(1)
+
+
 class MTALoss(nn.Module):
     """DSA + Hid over the key layers of a batch, student and teacher sharing one tokenizer.
 
@@ -118,8 +130,15 @@ class MTALoss(nn.Module):
     Linear(dS -> dT, no bias) projector per key layer, created only when `use_hid`.
     student_pooling: whose importance weights pool the student's spans, "student" (its own, default)
     or "teacher"; the pair weights ω_i ω_j and the Hid token weights always come from the teacher.
+    normalize_hid: renormalise the teacher's token weights over each sample's covered tokens (the MTA
+    group's code) instead of using the raw weights (method.md §5, the default).
     Teacher states are targets: detached, so a live teacher gets no gradient either.
     use_dsa / use_hid switch the two terms off for ablations (a disabled term reports 0).
+
+    Averaging: each term is, per key layer, the mean over the samples that can contribute to it (DSA:
+    at least two spans carrying weight; Hid: covered tokens carrying weight), then the mean over key
+    layers that have such a sample. A sample with one phrase has no pair to compare, so it is left out
+    rather than counted as a perfect 0 (which would shrink the term with the share of short samples).
     """
 
     def __init__(
@@ -132,6 +151,7 @@ class MTALoss(nn.Module):
         use_dsa: bool = True,
         use_hid: bool = True,
         student_pooling: str = "student",
+        normalize_hid: bool = False,
     ) -> None:
         super().__init__()
         if student_pooling not in ("student", "teacher"):
@@ -143,6 +163,7 @@ class MTALoss(nn.Module):
         self.lambda_dsa, self.lambda_hid = lambda_dsa, lambda_hid
         self.use_dsa, self.use_hid = use_dsa, use_hid
         self.student_pooling = student_pooling
+        self.normalize_hid = normalize_hid
         n_projectors = len(key_layers) if use_hid else 0
         self.projectors = nn.ModuleList(nn.Linear(student_dim, teacher_dim, bias=False) for _ in range(n_projectors))
 
@@ -162,19 +183,21 @@ class MTALoss(nn.Module):
         passes `teacher_mask` [B, T'] and `teacher_spans` (the same spans, in the same order, as
         teacher token ranges): student spans are then pooled with the student's weights, a span
         counts only where both models have a token of it, and Hid compares span representations.
-        Returns scalars "dsa" and "hid" (unweighted, mean over key layers and samples) and
+        Returns scalars "dsa" and "hid" (unweighted, averaged as the class docstring says) and
         "mta" = λ_dsa dsa + λ_hid hid.
         """
         cross = teacher_spans is not None
         teacher_mask = teacher_mask if cross else mask
         teacher_spans = teacher_spans if cross else spans
         batch, n_tokens = mask.shape
-        dsa = hid = torch.zeros((), device=mask.device)
+        zero = torch.zeros((), device=mask.device)
+        dsa_values, dsa_valid, hid_values, hid_valid = [], [], [], []
         for i, (layer_s, layer_t, granularity) in enumerate(self.key_layers):
             h_s, h_t = student_states[layer_s], teacher_states[layer_t].detach()
             w_t = importance_weights(h_t, teacher_mask)
             own_weights = cross or (self.use_dsa and self.student_pooling == "student")
             w_s = importance_weights(h_s, mask) if own_weights else w_t
+            layer_dsa, layer_dsa_valid, layer_hid, layer_hid_valid = [], [], [], []
             for b in range(batch):
                 ranges_s = spans[b][granularity].to(mask.device)
                 ranges_t = teacher_spans[b][granularity].to(mask.device)
@@ -185,12 +208,25 @@ class MTALoss(nn.Module):
                         omega = omega * (omega_s > 0)
                         omega = omega / omega.sum().clamp_min(torch.finfo(omega.dtype).tiny)
                 if self.use_dsa:
-                    dsa = dsa + dsa_loss(u_s, u_t, omega)
+                    layer_dsa.append(dsa_loss(u_s, u_t, omega))
+                    layer_dsa_valid.append(((omega > 0).sum() >= 2).to(omega.dtype))
                 if self.use_hid and cross:
-                    hid = hid + hid_loss_spans(u_s, u_t, self.projectors[i], omega)
+                    layer_hid.append(hid_loss_spans(u_s, u_t, self.projectors[i], omega))
+                    layer_hid_valid.append((omega > 0).any().to(omega.dtype))
                 elif self.use_hid:
                     covered = span_membership(ranges_s, n_tokens).any(dim=0)
-                    hid = hid + hid_loss(h_s[b], h_t[b], self.projectors[i], w_t[b], covered)
-        count = max(len(self.key_layers) * batch, 1)
-        dsa, hid = dsa / count, hid / count
+                    weights = w_t[b] * covered
+                    mass = weights.sum()
+                    if self.normalize_hid:
+                        weights = weights / mass.clamp_min(torch.finfo(weights.dtype).tiny)
+                    layer_hid.append(hid_loss(h_s[b], h_t[b], self.projectors[i], weights, covered))
+                    layer_hid_valid.append((mass > 0).to(weights.dtype))
+            if self.use_dsa:
+                dsa_values.append(torch.stack(layer_dsa))
+                dsa_valid.append(torch.stack(layer_dsa_valid))
+            if self.use_hid:
+                hid_values.append(torch.stack(layer_hid))
+                hid_valid.append(torch.stack(layer_hid_valid))
+        dsa = mean_over_valid(dsa_values, dsa_valid) if dsa_values else zero
+        hid = mean_over_valid(hid_values, hid_valid) if hid_values else zero
         return {"dsa": dsa, "hid": hid, "mta": self.lambda_dsa * dsa + self.lambda_hid * hid}

@@ -28,6 +28,9 @@ class ObjectiveConfig:
     key_layers: list[tuple[int, int, str]] = field(default_factory=list)
     chunk_size: int = 1024
     topk: bool = False   # base loss from the cache's top-k teacher log-probs instead of exact logits
+    skew_lambda: float = 0.1          # λ of skl / srkl (DistiLLM: 0.1)
+    akl_mu: float = 0.5               # μ of akl, the teacher mass of the head (AKL: 0.5)
+    mta_weighting: str = "paper"      # "paper": L_base + λ MTA; "group": MTA inside the α mix, Hid weights renormalised
 
     def __post_init__(self) -> None:
         check_choice(self, "loss", LOSSES)
@@ -37,6 +40,9 @@ class ObjectiveConfig:
         check_number(self, "lambda_dsa", 0, 1e6)
         check_number(self, "lambda_hid", 0, 1e6)
         check_number(self, "chunk_size", 1, integer=True)
+        check_number(self, "skew_lambda", 0, 1)
+        check_number(self, "akl_mu", 0, 1, low_open=True)
+        check_choice(self, "mta_weighting", ("paper", "group"))
         if self.mta and not (self.use_dsa or self.use_hid):
             raise ValueError("--no-dsa and --no-hid together leave MTA with nothing to add; drop --mta instead")
 
@@ -65,7 +71,14 @@ class Objective(nn.Module):
         self.teacher_head = teacher_head
         self.teacher_last_layer = teacher_last_layer
         self.mta = MTALoss(config.key_layers, student_dim, teacher_dim, config.lambda_dsa, config.lambda_hid,
-                           config.use_dsa, config.use_hid, config.student_pooling) if config.mta else None
+                           config.use_dsa, config.use_hid, config.student_pooling,
+                           normalize_hid=config.mta_weighting == "group") if config.mta else None
+
+    @property
+    def mta_scale(self) -> float:
+        """MTA's factor in the total: 1 (method.md §7: L_base + λ MTA), or α inside the KD mix of the group's
+        code ((1 - α) CE + α (D + λ MTA)); with sft there is no mix to join."""
+        return self.config.kd_alpha if self.config.mta_weighting == "group" and self.config.loss != "sft" else 1.0
 
     def forward(self, student, batch: Batch) -> dict[str, torch.Tensor]:
         c = self.config
@@ -85,7 +98,7 @@ class Objective(nn.Module):
             teacher_hidden = batch.teacher_states[self.teacher_last_layer][targets] if needs_teacher else None
             losses = kd_loss(student_hidden, student_head(student), teacher_hidden,
                              self.teacher_head if needs_teacher else None, labels, c.loss, c.kd_alpha, c.temperature,
-                             c.chunk_size)
+                             c.chunk_size, c.skew_lambda, c.akl_mu)
         if self.mta is not None:
             student_states = {s: out.hidden_states[s] for s, _, _ in c.key_layers}
             teacher_states = {t: batch.teacher_states[t] for _, t, _ in c.key_layers}
@@ -93,5 +106,5 @@ class Objective(nn.Module):
             mta = self.mta(student_states, teacher_states, batch.attention_mask.bool(), batch.spans,
                            teacher_mask, batch.teacher_spans)
             losses.update(dsa=mta["dsa"], hid=mta["hid"])
-            losses["loss"] = losses["loss"] + mta["mta"]
+            losses["loss"] = losses["loss"] + self.mta_scale * mta["mta"]
         return losses

@@ -24,6 +24,7 @@ from mta_cli.training.batches import CacheBatches
 from mta_cli.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mta_cli.training.objective import Objective, ObjectiveConfig
 from mta_cli.training.online import OnlineBatches
+from mta_cli.training.recipes import recipe
 from mta_cli.training.run_folder import check_run_folder, holds_run, run_config, start_over, write_run_config
 from mta_cli.training.source import Source, key_layers
 
@@ -64,6 +65,15 @@ class TrainConfig:
     max_length: int = 512
     max_prompt_length: int = 256
     trust_remote_code: bool = False
+    recipe: str | None = None           # the named recipe the options came from (recorded, see `from_recipe`)
+
+    @classmethod
+    def from_recipe(cls, name: str, objective: dict | None = None, **options) -> "TrainConfig":
+        """A config with recipe `name`'s settings (`training.recipes`), overridden by `objective` (ObjectiveConfig
+        fields) and `options` (TrainConfig fields)."""
+        settings = recipe(name)
+        return cls(objective=ObjectiveConfig(**settings["objective"] | (objective or {})),
+                   **settings["train"] | options, recipe=name)
 
     def __post_init__(self) -> None:
         check_number(self, "lr", 0)
@@ -81,6 +91,8 @@ class TrainConfig:
         check_number(self, "word_layers", 0, integer=True)
         check_number(self, "max_length", 2, 1 << 20, integer=True)
         check_number(self, "max_prompt_length", 1, self.max_length - 1, integer=True)
+        if self.recipe is not None:
+            recipe(self.recipe)
         if not self.objective.mta:
             given = [f for f, v in (("--student-layers", self.student_layers), ("--teacher-layers", self.teacher_layers),
                                     ("--word-layers", self.word_layers != 1)) if v]
