@@ -211,11 +211,17 @@ def train(
     student_config: str = typer.Option(None, "--student-config", help="JSON model config: random-init student"),
     recipe: str = typer.Option(None, "--recipe", help="a published method's settings as defaults (explicit options "
                                "win): distillm = skl, --kd-alpha 1, --skew-lambda 0.1, --lr 5e-4, no warmup"),
-    loss: str = typer.Option("srkl", "--loss", help="sft, fkl, rkl, skl, srkl, js, tvd or akl"),
+    loss: str = typer.Option("srkl", "--loss", help="sft, fkl, rkl, skl, srkl, js, tvd, akl, or fdd (feature "
+                             "dynamics distillation over the key layers)"),
     kd_alpha: float = typer.Option(0.5, "--kd-alpha", min=0.0, max=1.0, help="loss = (1-α) CE + α D"),
     temperature: float = typer.Option(1.0, "--temperature", min=1e-3, help="KD temperature"),
     skew_lambda: float = typer.Option(0.1, "--skew-lambda", help="λ of the skew KLs skl / srkl (DistiLLM: 0.1)"),
     akl_mu: float = typer.Option(0.5, "--akl-mu", help="μ of akl: teacher mass of the head (AKL: 0.5)"),
+    fdd_divergence: str = typer.Option("fkl", "--fdd-divergence", help="FDD: divergence of its logit, trajectory "
+                                       "and delta terms"),
+    fdd_feature_weight: float = typer.Option(1.0, "--fdd-feature-weight", help="FDD: weight of the layer-wise "
+                                             "(trajectory) term"),
+    fdd_delta_weight: float = typer.Option(1.0, "--fdd-delta-weight", help="FDD: weight of the first-difference term"),
     topk: bool = typer.Option(False, "--topk", help="base loss from the cache's top-k teacher log-probs (extract "
                                                     "--top-k) instead of exact logits; sft or fkl"),
     mta: bool = typer.Option(False, "--mta", help="add MTA: DSA + Hid along the key layers"),
@@ -267,7 +273,8 @@ def train(
         objective = dict(loss=loss, kd_alpha=kd_alpha, temperature=temperature, mta=mta, topk=topk,
                          use_dsa=not no_dsa, use_hid=not no_hid, lambda_dsa=lambda_dsa, lambda_hid=lambda_hid,
                          student_pooling=student_pooling, skew_lambda=skew_lambda, akl_mu=akl_mu,
-                         mta_weighting=mta_weighting)
+                         mta_weighting=mta_weighting, fdd_divergence=fdd_divergence,
+                         fdd_feature_weight=fdd_feature_weight, fdd_delta_weight=fdd_delta_weight)
         options = dict(
             out=str(out_path), cache=cache, teacher=teacher, data=data, student=student,
             init_from_teacher=init_from_teacher, keep_layers=keep_layers, student_config=student_config,
@@ -325,8 +332,8 @@ class TrainProgress:
                     self.progress.console.print(f"key layers (student, teacher, granularity): {info['key_layers']} "
                                                 f"[{info['key_layers_from']}]", markup=False, highlight=False)
         elif event == "step":
-            parts = [f"loss {info['loss']:.4f}"] + [f"{k} {info[k]:.4f}" for k in ("ce", "kd", "dsa", "hid")
-                                                     if k in info]
+            parts = [f"loss {info['loss']:.4f}"] + [f"{k} {info[k]:.4f}" for k in
+                                                     ("ce", "kd", "fdd_traj", "fdd_delta", "dsa", "hid") if k in info]
             parts += [f"lr {info['lr']:.2e}", f"{info['tokens_per_second']:,.0f} tok/s"]
             self.progress.update(self.task, completed=info["step"], info=" ".join(parts))
 

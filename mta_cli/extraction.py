@@ -27,6 +27,7 @@ from mta_cli.options import check_choice, check_number
 from mta_cli.records import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_records
 from mta_cli.segment import Segmenter, spans_to_token_ranges
 from mta_cli.losses.kd import LogitHead
+from mta_cli.losses.lens import FinalNorm, final_norm
 from mta_cli.teacher import output_head, teacher_forward
 
 # Compressed size / raw size of stored states, measured on SmolLM2-135M states (Blosc zstd 3 + shuffle).
@@ -158,14 +159,16 @@ def resolve_layers(requested: list[int] | None, n_teacher_layers: int) -> list[i
     return sorted(set(layers) | {n_teacher_layers})
 
 
-def check_head(model, head: LogitHead, input_ids: torch.Tensor) -> None:
-    """Refuse a teacher whose logits the stored head does not reproduce (unknown head type)."""
+def checked_lens(model, head: LogitHead, input_ids: torch.Tensor) -> FinalNorm | None:
+    """Refuse a teacher whose logits the stored head does not reproduce (unknown head type); return its final
+    norm for the logit lens, checked on a real intermediate state (None when no known form reproduces it)."""
     with torch.inference_mode():
         out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
         recomputed = head(out.hidden_states[-1])
     if not torch.allclose(recomputed.float(), out.logits.float(), rtol=1e-3, atol=1e-3):
         raise CacheError("the teacher's logits are not reproduced by its output head (unsupported head type); "
                          "please report the model architecture")
+    return final_norm(model, probe=out.hidden_states[len(out.hidden_states) // 2][0])
 
 
 def shard_arrays(samples: list[Encoded], lines: list[int], segmentations: list, states: list[dict],
@@ -293,13 +296,22 @@ def prompt_template(data_format: str, tokenizer) -> str | dict:
     return "prompts templated in the data file"
 
 
-def head_arrays(head: LogitHead, teacher_dtype: str) -> dict[str, np.ndarray]:
-    """The head stored in the teacher's compute precision, bit for bit."""
+def head_arrays(head: LogitHead, norm: FinalNorm | None, teacher_dtype: str) -> dict[str, np.ndarray]:
+    """The head and the final norm (for the logit lens) stored in the teacher's compute precision, bit for bit."""
     dtype = teacher_dtype if teacher_dtype in ("bf16", "fp16") else "fp32"
+    vectors = {"bias": head.bias} | ({"norm_weight": norm.weight, "norm_bias": norm.bias} if norm else {})
     arrays = {"weight": encode_states(head.weight.cpu(), dtype)[""]}
-    if head.bias is not None:
-        arrays["bias"] = encode_states(head.bias.cpu()[None], dtype)[""][0]
+    for name, vector in vectors.items():
+        if vector is not None:
+            arrays[name] = encode_states(vector.cpu()[None], dtype)[""][0]
     return arrays
+
+
+def head_metadata(head: LogitHead, norm: FinalNorm | None, teacher_dtype: str) -> dict:
+    """What `CacheReader.head` and `CacheReader.final_norm` need besides the arrays."""
+    return {"dtype": teacher_dtype if teacher_dtype in ("bf16", "fp16") else "fp32", "scale": head.scale,
+            "softcap": head.softcap, "has_bias": head.bias is not None,
+            "norm": {"kind": norm.kind, "eps": norm.eps, "has_bias": norm.bias is not None} if norm else None}
 
 
 def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None = None) -> ExtractSummary:
@@ -323,14 +335,14 @@ def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None 
     model = load_causal_lm(config.teacher, config.teacher_dtype, str(device), config.trust_remote_code)
     layers = resolve_layers(config.layers, n_layers(model))
     head = output_head(model)
-    check_head(model, head, torch.from_numpy(the_plan.samples[0].input_ids[None].astype(np.int64)).to(device))
+    norm = checked_lens(model, head, torch.from_numpy(the_plan.samples[0].input_ids[None].astype(np.int64)).to(device))
 
     report("status", {"message": "fingerprinting the teacher's weights"})
     meta = cache_metadata(config, the_plan, model, layers, segmenter)
-    meta["teacher"]["head"] = {"dtype": config.teacher_dtype if config.teacher_dtype in ("bf16", "fp16") else "fp32",
-                               "scale": head.scale, "softcap": head.softcap, "has_bias": head.bias is not None}
+    meta["teacher"]["head"] = head_metadata(head, norm, config.teacher_dtype)
     with CacheWriter(config.out, meta, force=config.force) as writer:
         try:
+            writer.write_head(head_arrays(head, norm, config.teacher_dtype))
             summary = _write_shards(config, the_plan, model, layers, head, segmenter, device, meta, writer, report)
         except OSError as e:
             if e.errno == errno.ENOSPC:
@@ -358,7 +370,6 @@ def _write_shards(config: ExtractConfig, the_plan: Plan, model, layers: list[int
                   segmenter: Segmenter, device: torch.device, meta: dict, writer: CacheWriter,
                   report: Callable[[str, dict], None]) -> ExtractSummary:
     """The shard loop (module docstring): teacher batches, spaCy and writes overlapped; returns the summary."""
-    writer.write_head(head_arrays(head, config.teacher_dtype))
     size = config.shard_size
     shards = [(k, list(range(k * size, min((k + 1) * size, len(the_plan.samples)))))
               for k in range(meta["n_shards"])]

@@ -125,8 +125,8 @@ def test_edited_metadata_is_refused_by_train_eval_verify_and_info(tmp_path, good
         "head deleted": (lambda c: shutil.rmtree(c / "head"), "head: missing"),
         "states deleted": (lambda c: shutil.rmtree(c / "shards/00002/states"),
                            "shards/00002: states/2: missing (no array metadata)"),
-        "format version": (lambda c: set_root_meta(c, format_version=1), "cache format 1 was written by another mta "
-                                                                         "version; this mta reads format 2"),
+        "format version": (lambda c: set_root_meta(c, format_version=2), "cache format 2 was written by another mta "
+                                                                         "version; this mta reads format 3"),
     }
     for name, (damage, message) in cases.items():
         cache = copy_of(good, tmp_path / name.replace(" ", "_"))

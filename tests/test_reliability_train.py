@@ -180,7 +180,7 @@ def test_default_mta_trains_every_student_depth_of_a_default_cache(depth, tmp_pa
     ("--lambda-hid", "inf", "--lambda-hid must be a finite number >= 0 and <= 1e+06, got inf"),
     ("--weight-decay", "-0.1", "--weight-decay must be a finite number >= 0, got -0.1"),
     ("--max-grad-norm", "0", "--max-grad-norm must be a finite number > 0, got 0.0"),
-    ("--teacher-layers", "2,4", "--teacher-layers choose MTA's key layers; add --mta, or drop them"),
+    ("--teacher-layers", "2,4", "--teacher-layers choose the key layers of MTA and FDD; add --mta"),
     # ranges the option itself declares (shown in --help) are refused by the command line parser
     ("--kd-alpha", "nan", "Invalid value for '--kd-alpha': Input should be less than or equal to 1"),
     ("--temperature", "-2", "Invalid value for '--temperature': Input should be greater than or equal to 0.001"),

@@ -260,6 +260,11 @@ def _head_faults(root: zarr.Group, keys: set[str], meta: dict, deep_metadata: bo
     promised = {"weight": (dtype, (teacher["vocab_size"], teacher["hidden_size"]))}
     if head.get("has_bias"):
         promised["bias"] = (dtype, (teacher["vocab_size"],))
+    norm = head.get("norm")
+    if isinstance(norm, dict):
+        promised["norm_weight"] = (dtype, (teacher["hidden_size"],))
+        if norm.get("has_bias"):
+            promised["norm_bias"] = (dtype, (teacher["hidden_size"],))
     head_keys = {k[len("head/"):] for k in keys if k.startswith("head/")}
     faults = manifest_faults(attrs.get("arrays"), head_keys, promised)
     if not faults and deep_metadata:

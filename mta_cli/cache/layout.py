@@ -3,7 +3,8 @@
 A cache is a Zarr v3 group:
 
     <root>/zarr.json                 attrs["mta"]: self-describing metadata (see `CacheMeta`)
-    <root>/head/weight [V, d]        the teacher's output head (+ head/bias [V]), stored exactly
+    <root>/head/weight [V, d]        the teacher's output head (+ head/bias [V]), stored exactly, and its
+                                     final norm for the logit lens: head/norm_weight [d] (+ head/norm_bias [d])
     <root>/shards/00000/...          one group per shard, CSR ("ragged") arrays, no padding:
         text_bytes  uint8 [C]        utf-8 of every sample's text, concatenated; text_ptr int64 [n+1]
         prompt_chars int32 [n]       length of the prompt part of each text
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-FORMAT_VERSION = 2  # 2: per-shard and head manifests (chunk presence), absolute teacher path
+FORMAT_VERSION = 3  # 2: manifests (chunk presence), absolute teacher path; 3: the final norm (logit lens)
 STATE_DTYPES = ("bf16", "fp16", "fp32", "int8")
 BYTES_PER_VALUE = {"bf16": 2, "fp16": 2, "fp32": 4, "int8": 1}
 INNER_CHUNK_ROWS = 4096  # rows decoded together when one sample is read at random

@@ -20,6 +20,7 @@ from mta_cli.cache.layout import decode_states, shard_name
 from mta_cli.cache.integrity import REPAIR_HINT, CacheIntegrityError, manifest_faults, store_keys, survey
 from mta_cli.cache.store import CacheError, open_root
 from mta_cli.losses.kd import LogitHead
+from mta_cli.losses.lens import FinalNorm
 
 RAGGED = {  # array name -> its row-pointer array
     "input_ids": "token_ptr", "offsets": "token_ptr", "text_bytes": "text_ptr",
@@ -152,6 +153,19 @@ class CacheReader:
         weight = decode_states(self._read(group, "weight"), info["dtype"])
         bias = decode_states(self._read(group, "bias")[None], info["dtype"])[0] if info["has_bias"] else None
         return LogitHead(weight, bias, info["scale"], info["softcap"])
+
+    @cached_property
+    def final_norm(self) -> FinalNorm | None:
+        """The teacher's final norm for the logit lens (float32 tensors), or None when the extraction could not
+        reproduce it (an unknown norm form)."""
+        info = self.meta["teacher"]["head"]
+        if not info.get("norm"):
+            return None
+        group = self._checked_group("head")
+        weight = decode_states(self._read(group, "norm_weight")[None], info["dtype"])[0]
+        bias = decode_states(self._read(group, "norm_bias")[None], info["dtype"])[0] if info["norm"]["has_bias"] \
+            else None
+        return FinalNorm(info["norm"]["kind"], weight, bias, info["norm"]["eps"])
 
     def _checked_group(self, name: str) -> zarr.Group:
         """The group `name` after checking that the store still holds every chunk of its manifest

@@ -115,60 +115,75 @@ def _coefficients(loss: str, alpha: float, n: int, dtype: torch.dtype) -> Tensor
 class _FusedChunks(torch.autograd.Function):
     """Chunked loss whose gradient is computed during forward, chunk by chunk (fused head + loss).
 
-    For each chunk of positions the head's logits are built, reduced to [CE sum, D sum], and the
-    gradient of coef · sums w.r.t. the chunk's hidden states and the head's tensors is taken at
-    once; then the chunk's [chunk, V] tensors are freed. Backward only scales the stored gradients.
-    Per chunk this costs 3 student-head matmuls (forward, two gradients), where checkpointing
-    costs 4, and the teacher's logits are computed once instead of twice.
-    Returns (combined loss, sums [2] without a graph).
+    For each chunk of positions the head's logits are built, reduced to a vector of sums (e.g. [CE sum,
+    D sum]), and the gradient of coef · sums w.r.t. the chunk's hidden states and the head's tensors is
+    taken at once; then the chunk's [chunk, V] tensors are freed. Backward only scales the stored
+    gradients. Per chunk this costs 3 student-head matmuls (forward, two gradients), where
+    checkpointing costs 4, and the teacher's logits are computed once instead of twice.
+    `n_hidden` hidden inputs [N, dS] (several for the logit lens of FDD) are chunked together.
+    Returns (combined loss, sums without a graph).
     """
 
     @staticmethod
-    def forward(ctx, fn, head, coef, chunk_size, hidden, weight, bias, *tensors):
-        n = hidden.shape[0]
-        grad_hidden = torch.zeros_like(hidden)
+    def forward(ctx, fn, head, coef, chunk_size, n_hidden, *tensors):
+        hidden, weight, bias, rest = list(tensors[:n_hidden]), tensors[n_hidden], tensors[n_hidden + 1], \
+            tensors[n_hidden + 2:]
+        n = hidden[0].shape[0]
+        grad_hidden = [torch.zeros_like(h) for h in hidden]
         grad_weight = torch.zeros_like(weight)
         grad_bias = torch.zeros_like(bias) if bias is not None else None
         sums = 0
         for start in range(0, n, chunk_size):
-            chunk = [t[start:start + chunk_size] if t is not None else None for t in tensors]
+            chunk = [t[start:start + chunk_size] if t is not None else None for t in rest]
             with torch.enable_grad():
-                h = hidden[start:start + chunk_size].detach().requires_grad_()
+                hs = [h[start:start + chunk_size].detach().requires_grad_() for h in hidden]
                 w = weight.detach().requires_grad_()
                 b = bias.detach().requires_grad_() if bias is not None else None
-                chunk_sums = fn(LogitHead(w, b, head.scale, head.softcap), h, *chunk)
+                chunk_sums = fn(LogitHead(w, b, head.scale, head.softcap), hs, *chunk)
                 objective = (chunk_sums * coef.to(chunk_sums.dtype)).sum()
-            grads = torch.autograd.grad(objective, [h, w] + ([b] if b is not None else []))
-            grad_hidden[start:start + chunk_size] = grads[0]
-            grad_weight += grads[1]
+            grads = torch.autograd.grad(objective, hs + [w] + ([b] if b is not None else []), allow_unused=True)
+            for g_hidden, g in zip(grad_hidden, grads[:n_hidden]):
+                if g is not None:
+                    g_hidden[start:start + chunk_size] = g
+            grad_weight += grads[n_hidden]
             if b is not None:
-                grad_bias += grads[2]
+                grad_bias += grads[n_hidden + 1]
             sums = sums + chunk_sums.detach()
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.n_hidden = n_hidden
+        ctx.save_for_backward(grad_weight, grad_bias, *grad_hidden)
         ctx.mark_non_differentiable(sums)
         return (sums * coef.to(sums.dtype)).sum(), sums
 
     @staticmethod
     def backward(ctx, grad_loss, grad_sums):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grad_weight, grad_bias, *grad_hidden = ctx.saved_tensors
         scaled_bias = grad_bias * grad_loss if grad_bias is not None else None
-        return (None, None, None, None, grad_hidden * grad_loss, grad_weight * grad_loss, scaled_bias,
-                *([None] * (len(ctx.needs_input_grad) - 7)))
+        n_rest = len(ctx.needs_input_grad) - 5 - ctx.n_hidden - 2
+        return (None, None, None, None, None, *[g * grad_loss for g in grad_hidden], grad_weight * grad_loss,
+                scaled_bias, *([None] * n_rest))
 
 
-def _chunked(fn: Callable[..., Tensor], head: LogitHead, coef: Tensor, n: int, chunk_size: int, hidden: Tensor,
-             *tensors: Tensor | None) -> tuple[Tensor | None, Tensor]:
-    """(combined loss or None, [CE sum, D sum]) of fn(head, hidden chunk, *chunks) over chunks of positions.
+def chunked_sums(fn: Callable[..., Tensor], head: LogitHead, coef: Tensor, n: int, chunk_size: int,
+                 hidden: list[Tensor], *tensors: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    """(combined loss or None, sums) of fn(head, hidden chunks, *chunks) over chunks of positions.
 
     With gradients needed, `_FusedChunks` computes them on the fly; otherwise a plain loop."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     params = [head.weight] + ([head.bias] if head.bias is not None else [])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in [hidden, *params]):
-        return _FusedChunks.apply(fn, head, coef, chunk_size, hidden, head.weight, head.bias, *tensors)
-    sums = sum(fn(head, hidden[s:s + chunk_size], *[t[s:s + chunk_size] if t is not None else None for t in tensors])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in [*hidden, *params]):
+        return _FusedChunks.apply(fn, head, coef, chunk_size, len(hidden), *hidden, head.weight, head.bias, *tensors)
+    sums = sum(fn(head, [h[s:s + chunk_size] for h in hidden],
+                  *[t[s:s + chunk_size] if t is not None else None for t in tensors])
                for s in range(0, n, chunk_size))
     return None, sums
+
+
+def _chunked(fn: Callable[..., Tensor], head: LogitHead, coef: Tensor, n: int, chunk_size: int, hidden: Tensor,
+             *tensors: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    """`chunked_sums` for one hidden input: fn(head, hidden chunk, *chunks)."""
+    return chunked_sums(lambda head_, hs, *chunks: fn(head_, hs[0], *chunks), head, coef, n, chunk_size, [hidden],
+                        *tensors)
 
 
 def kd_loss_from_logits(

@@ -1,4 +1,4 @@
-"""The training objective of one batch: base loss (SFT or KD from exact teacher logits) + MTA."""
+"""The training objective of one batch: the base loss (SFT, KD or FDD from exact teacher logits) + MTA."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mta_cli.losses import LOSSES, LogitHead, MTALoss, kd_loss, topk_kd_loss
+from mta_cli.losses import LOSSES, DIVERGENCES, LogitHead, MTALoss, kd_loss, topk_kd_loss
+from mta_cli.losses.fdd import fdd_loss
+from mta_cli.losses.lens import FinalNorm, final_norm_module
 from mta_cli.options import check_choice, check_number
 from mta_cli.training.batches import Batch
 
@@ -31,9 +33,18 @@ class ObjectiveConfig:
     skew_lambda: float = 0.1          # λ of skl / srkl (DistiLLM: 0.1)
     akl_mu: float = 0.5               # μ of akl, the teacher mass of the head (AKL: 0.5)
     mta_weighting: str = "paper"      # "paper": L_base + λ MTA; "group": MTA inside the α mix, Hid weights renormalised
+    fdd_divergence: str = "fkl"       # FDD: the divergence of its logit, trajectory and delta terms
+    fdd_feature_weight: float = 1.0   # FDD: weight of the layer-wise (trajectory) term
+    fdd_delta_weight: float = 1.0     # FDD: weight of the first-difference (delta) term
 
     def __post_init__(self) -> None:
-        check_choice(self, "loss", LOSSES)
+        check_choice(self, "loss", TRAIN_LOSSES)
+        check_choice(self, "fdd_divergence", tuple(DIVERGENCES))
+        check_number(self, "fdd_feature_weight", 0, 1e6)
+        check_number(self, "fdd_delta_weight", 0, 1e6)
+        if self.topk and self.loss == "fdd":
+            raise ValueError("--loss fdd reads every paired layer through the exact teacher head; it cannot train "
+                             "from top-k log-probs (drop --topk)")
         check_choice(self, "student_pooling", ("student", "teacher"))
         check_number(self, "kd_alpha", 0, 1)
         check_number(self, "temperature", 0, 1e3, low_open=True)
@@ -47,8 +58,16 @@ class ObjectiveConfig:
             raise ValueError("--no-dsa and --no-hid together leave MTA with nothing to add; drop --mta instead")
 
     @property
+    def uses_key_layers(self) -> bool:
+        """MTA and FDD both follow the key-layer schedule."""
+        return self.mta or self.loss == "fdd"
+
+    @property
     def teacher_layers(self) -> list[int]:
-        return sorted({t for _, t, _ in self.key_layers}) if self.mta else []
+        return sorted({t for _, t, _ in self.key_layers}) if self.uses_key_layers else []
+
+
+TRAIN_LOSSES = (*LOSSES, "fdd")
 
 
 def student_head(model) -> LogitHead:
@@ -61,15 +80,20 @@ def student_head(model) -> LogitHead:
 class Objective(nn.Module):
     """Computes every loss component of a batch; owns the MTA projectors (trainable).
 
-    forward(student, batch) -> {"loss": total, "ce", "kd", "dsa", "hid"} (components present when used).
+    forward(student, batch) -> {"loss": total, "ce", "kd", "fdd_traj", "fdd_delta", "dsa", "hid"} (components
+    present when used).
     """
 
     def __init__(self, config: ObjectiveConfig, teacher_head: LogitHead, teacher_last_layer: int,
-                 student_dim: int, teacher_dim: int):
+                 student_dim: int, teacher_dim: int, teacher_norm: FinalNorm | None = None):
         super().__init__()
         self.config = config
         self.teacher_head = teacher_head
+        self.teacher_norm = teacher_norm
         self.teacher_last_layer = teacher_last_layer
+        if config.loss == "fdd" and teacher_norm is None:
+            raise ValueError("--loss fdd reads intermediate teacher layers through the teacher's final norm, and this "
+                             "teacher's norm has a form mta cannot reproduce (none stored in the cache)")
         self.mta = MTALoss(config.key_layers, student_dim, teacher_dim, config.lambda_dsa, config.lambda_hid,
                            config.use_dsa, config.use_hid, config.student_pooling,
                            normalize_hid=config.mta_weighting == "group") if config.mta else None
@@ -90,7 +114,9 @@ class Objective(nn.Module):
             raise ValueError(f"--loss {c.loss} compares token distributions position by position and needs the "
                              "teacher's tokenizer; with another tokenizer use --loss sft (MTA still applies)")
         student_hidden, labels = out.hidden_states[-1][targets], batch.labels[targets]
-        if c.topk:
+        if c.loss == "fdd":
+            losses = self.fdd(student, out.hidden_states, batch, targets, labels)
+        elif c.topk:
             topk = {k: v[targets] for k, v in batch.topk.items()}
             losses = topk_kd_loss(student_hidden, student_head(student), topk["ids"], topk["logprobs"], topk["rest"],
                                   labels, c.loss, c.kd_alpha, c.temperature, c.chunk_size)
@@ -108,3 +134,18 @@ class Objective(nn.Module):
             losses.update(dsa=mta["dsa"], hid=mta["hid"])
             losses["loss"] = losses["loss"] + self.mta_scale * mta["mta"]
         return losses
+
+    def fdd(self, student, hidden_states: tuple, batch: Batch, targets: torch.Tensor,
+            labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """FDD over the key-layer pairs plus the final pair: lens inputs normed as the models norm their last
+        layer (hidden_states[N] already is)."""
+        c = self.config
+        n_student = len(hidden_states) - 1
+        pairs = sorted({(s, t) for s, t, _ in c.key_layers} | {(n_student, self.teacher_last_layer)})
+        norm = final_norm_module(student)
+        student_states = [(hidden_states[s] if s == n_student else norm(hidden_states[s]))[targets] for s, _ in pairs]
+        teacher_states = [(batch.teacher_states[t] if t == self.teacher_last_layer else
+                           self.teacher_norm(batch.teacher_states[t]))[targets] for _, t in pairs]
+        return fdd_loss(student_states, student_head(student), teacher_states, self.teacher_head, labels, c.kd_alpha,
+                        c.temperature, c.fdd_feature_weight, c.fdd_delta_weight, c.fdd_divergence, c.chunk_size,
+                        c.skew_lambda, c.akl_mu)

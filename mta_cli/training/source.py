@@ -13,6 +13,7 @@ import torch
 from mta_cli.cache.reader import CacheReader
 from mta_cli.cache.store import CacheError
 from mta_cli.losses import default_key_layers, pair_teacher_layers
+from mta_cli.losses.lens import final_norm
 from mta_cli.models import (ModelLoadError, ModelSource, hidden_size, load_causal_lm, load_tokenizer, n_layers,
                             tokenizer_fingerprint, weights_fingerprint)
 from mta_cli.teacher import output_head
@@ -82,6 +83,7 @@ class Source:
             self.available = self.reader.layers
             self.tokenizer_sha = meta["config"]["tokenizer_sha256"]
             self.head = self.reader.head.to(device)
+            self.final_norm = self.reader.final_norm.to(device) if self.reader.final_norm else None
             self.teacher_model = None
         else:
             if not (config.teacher and config.data):
@@ -92,6 +94,7 @@ class Source:
             self.teacher_dim = hidden_size(self.teacher_model)
             self.available = list(range(self.n_teacher + 1))
             self.head = output_head(self.teacher_model)
+            self.final_norm = final_norm(self.teacher_model)
             self.tokenizer_sha = None
 
     @property

@@ -93,11 +93,12 @@ class TrainConfig:
         check_number(self, "max_prompt_length", 1, self.max_length - 1, integer=True)
         if self.recipe is not None:
             recipe(self.recipe)
-        if not self.objective.mta:
+        if not self.objective.uses_key_layers:
             given = [f for f, v in (("--student-layers", self.student_layers), ("--teacher-layers", self.teacher_layers),
                                     ("--word-layers", self.word_layers != 1)) if v]
             if given:
-                raise ValueError(f"{', '.join(given)} choose MTA's key layers; add --mta, or drop them")
+                raise ValueError(f"{', '.join(given)} choose the key layers of MTA and FDD; add --mta (or use --loss "
+                                 "fdd), or drop them")
 
 
 @dataclass
@@ -166,13 +167,13 @@ def prepare(config: TrainConfig, device: torch.device,
         student.gradient_checkpointing_enable()
 
     objective_config, origin = config.objective, ""
-    if objective_config.mta:
+    if objective_config.uses_key_layers:
         objective_config.key_layers, origin = key_layers(
             config.student_layers, config.teacher_layers, config.word_layers, n_layers(student), source.n_teacher,
             source.available, source.cached)
     layers = sorted({source.n_teacher} | set(objective_config.teacher_layers))
     objective = Objective(objective_config, source.head, source.n_teacher, hidden_size(student),
-                          source.teacher_dim).to(device)
+                          source.teacher_dim, source.final_norm).to(device)
     batches = source.batches(tokenizer, layers, own_tokenizer)
     total_steps = plan_steps(config, batches.batches_per_epoch())
     optimizer = torch.optim.AdamW([
