@@ -201,7 +201,8 @@ class ExtractProgress:
 def train(
     ctx: typer.Context,
     out_path: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.jsonl, final student"),
-    cache: str = typer.Option(None, "--cache", help="extraction cache (offline training)"),
+    cache: list[str] = typer.Option(None, "--cache", help="extraction cache (offline training); repeat for several, "
+                                    "PATH:WEIGHT sets a cache's share of the batches (equal shares by default)"),
     teacher: str = typer.Option(None, "--teacher", help="with --cache: where the cache's teacher is now (checked "
                                 "by its weights fingerprint); with --data: the live teacher of the online baseline"),
     data: str = typer.Option(None, "--data", help="online baseline: JSONL records (with --teacher)"),
@@ -276,7 +277,7 @@ def train(
                          mta_weighting=mta_weighting, fdd_divergence=fdd_divergence,
                          fdd_feature_weight=fdd_feature_weight, fdd_delta_weight=fdd_delta_weight)
         options = dict(
-            out=str(out_path), cache=cache, teacher=teacher, data=data, student=student,
+            out=str(out_path), cache=(cache[0] if len(cache) == 1 else list(cache)) if cache else None, teacher=teacher, data=data, student=student,
             init_from_teacher=init_from_teacher, keep_layers=keep_layers, student_config=student_config,
             student_layers=parse_ints(student_layers, "--student-layers"),
             teacher_layers=parse_ints(teacher_layers, "--teacher-layers"), word_layers=word_layers, lr=lr,

@@ -41,11 +41,13 @@ def test_resume_with_another_configuration_is_refused_and_the_record_kept(tmp_pa
     assert cli(*train_args(good, out, "--checkpoint-every", 1)).exit_code == 0
     record = (out / "training_config.json").read_text()
     other_cache = shutil.copytree(good, tmp_path / "other.zarr")
-    for extra, difference in [(["--lr", "1e-3"], "lr: run has 0.0001, this command has 0.001"),
-                              (["--loss", "fkl"], 'objective.loss: run has "srkl", this command has "fkl"'),
-                              (["--batch-size", 4], "batch_size: run has 2, this command has 4"),
-                              (["--cache", other_cache], f'cache: run has "{good}", this command has "{other_cache}"')]:
-        args = train_args(good, out, "--resume", "--checkpoint-every", 1, *extra)
+    for cache, extra, difference in [
+            (good, ["--lr", "1e-3"], "lr: run has 0.0001, this command has 0.001"),
+            (good, ["--loss", "fkl"], 'objective.loss: run has "srkl", this command has "fkl"'),
+            (good, ["--batch-size", 4], "batch_size: run has 2, this command has 4"),
+            (other_cache, [], f'cache: run has "{good}", this command has "{other_cache}"'),
+            (good, ["--cache", other_cache], f'cache: run has "{good}", this command has ["{good}", "{other_cache}"]')]:
+        args = train_args(cache, out, "--resume", "--checkpoint-every", 1, *extra)
         result = cli(*args)
         assert result.exit_code == 1 and "trained with a different configuration" in result.stderr, extra
         assert difference in result.stderr, (extra, result.stderr)

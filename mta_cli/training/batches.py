@@ -48,6 +48,8 @@ class Batch:
     teacher_mask: torch.Tensor | None = None              # int64 [B, T'], other tokenizer only
     teacher_spans: list[dict[str, torch.Tensor]] | None = None
     topk: dict[str, torch.Tensor] | None = None  # cache with --top-k: ids [B, T, k], logprobs [B, T, k], rest [B, T]
+    role: str = "dataset"   # whose responses: "dataset", "teacher" or "student" (see training.mixing)
+    source: int = 0         # which of the run's caches the batch comes from
 
     @property
     def n_tokens(self) -> int:
@@ -61,7 +63,8 @@ class Batch:
                      {k: v.to(device, non_blocking=True) for k, v in self.teacher_states.items()},
                      spans_to(self.spans), self.sample_indices,
                      None if self.teacher_mask is None else self.teacher_mask.to(device), spans_to(self.teacher_spans),
-                     None if self.topk is None else {k: v.to(device) for k, v in self.topk.items()})
+                     None if self.topk is None else {k: v.to(device) for k, v in self.topk.items()}, self.role,
+                     self.source)
 
 
 def _pad(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mta_cli import __version__
 from mta_cli.outputs import check_folder
+from mta_cli.training.mixing import parse_cache_spec
 from mta_cli.training.checkpoint import latest_checkpoint
 
 RECORD = "training_config.json"
@@ -26,9 +27,19 @@ def run_config(config) -> dict:
     record = {"tool": f"mta-cli {__version__}", **asdict(config)}
     for name in PATH_FIELDS:
         value = record.get(name)
-        if value and "://" not in value and Path(value).exists():
-            record[name] = str(Path(value).resolve())
+        if isinstance(value, list):
+            record[name] = [_absolute(v) for v in value]
+        elif value:
+            record[name] = _absolute(value)
     return json.loads(json.dumps(record))  # tuples as lists, as read back from the file
+
+
+def _absolute(spec: str) -> str:
+    """A local path made absolute, keeping a cache's ":WEIGHT"; URLs and hub names as they are."""
+    path, weight = parse_cache_spec(spec)
+    if "://" in path or not Path(path).exists():
+        return spec
+    return str(Path(path).resolve()) + ("" if weight is None else f":{weight:g}")
 
 
 def write_run_config(out: Path, config) -> None:

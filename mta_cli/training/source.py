@@ -18,6 +18,7 @@ from mta_cli.models import (ModelLoadError, ModelSource, hidden_size, load_causa
                             tokenizer_fingerprint, weights_fingerprint)
 from mta_cli.teacher import output_head
 from mta_cli.training.batches import CacheBatches
+from mta_cli.training.mixing import MixedBatches, cache_role, parse_cache_spec
 from mta_cli.training.online import OnlineBatches
 
 
@@ -60,6 +61,18 @@ def key_layers(student_layers: list[int] | None, teacher_layers: list[int] | Non
     return schedule, origin
 
 
+def same_teacher(readers: list[CacheReader]) -> None:
+    """Refuse caches of different teachers (or tokenizations) in one run, naming both."""
+    first = readers[0]
+    for other in readers[1:]:
+        for key, what in (("teacher", "weights"), ("tokenizer_sha256", "tokenizer")):
+            a, b = first.meta["config"][key], other.meta["config"][key]
+            if a != b:
+                raise CacheError(f"--cache {first.url} and --cache {other.url} come from different teachers "
+                                 f"({first.meta['teacher']['path']} and {other.meta['teacher']['path']}: their {what} "
+                                 "differ); a run trains against one teacher")
+
+
 class Source:
     """The teacher's facts (layers, sizes, head) and the batches, from a cache or from a live teacher.
 
@@ -72,7 +85,13 @@ class Source:
             if config.data:
                 raise ValueError("--data is for the online baseline (with --teacher and no --cache); "
                                  "offline training reads its data from --cache")
-            self.reader = CacheReader(config.cache)
+            specs = [parse_cache_spec(spec) for spec in config.cache_specs]
+            self.readers = [CacheReader(url) for url, _ in specs]
+            same_teacher(self.readers)
+            self.weights = [1.0 if weight is None else weight for _, weight in specs]  # equal shares by default
+            if sum(self.weights) <= 0:
+                raise ValueError("the --cache weights sum to 0: give at least one cache a positive weight")
+            self.reader = self.readers[0]
             meta = self.reader.meta
             self.stored_teacher = meta["teacher"]["path"]
             self.teacher_spec = config.teacher or self.stored_teacher
@@ -80,7 +99,7 @@ class Source:
             self.teacher_dtype = meta["config"]["teacher"]["dtype"]
             self.n_teacher = meta["teacher"]["n_layers"]
             self.teacher_dim = meta["teacher"]["hidden_size"]
-            self.available = self.reader.layers
+            self.available = sorted(set.intersection(*(set(r.layers) for r in self.readers)))
             self.tokenizer_sha = meta["config"]["tokenizer_sha256"]
             self.head = self.reader.head.to(device)
             self.final_norm = self.reader.final_norm.to(device) if self.reader.final_norm else None
@@ -142,7 +161,9 @@ class Source:
         c = self.config
         if self.cached:
             teacher_pad = self.reader.meta["tokenizer"]["pad_token_id"] or 0
-            return CacheBatches(self.reader, c.batch_size, layers, c.seed, teacher_pad,
-                                student_tokenizer=tokenizer if own_tokenizer else None)
+            loaders = [CacheBatches(reader, c.batch_size, layers, c.seed + i, teacher_pad,
+                                    student_tokenizer=tokenizer if own_tokenizer else None)
+                       for i, reader in enumerate(self.readers)]
+            return MixedBatches(loaders, self.weights, [cache_role(r) for r in self.readers])
         return OnlineBatches(self.teacher_model, tokenizer, c.data, c.batch_size, layers, c.seed, self.device,
                              c.max_length, c.max_prompt_length)

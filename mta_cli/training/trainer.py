@@ -20,9 +20,9 @@ import torch
 from mta_cli.models import hidden_size, n_layers, resolve_device, tokenizer_fingerprint
 from mta_cli.options import check_number
 from mta_cli.student import build_student
-from mta_cli.training.batches import CacheBatches
 from mta_cli.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mta_cli.training.objective import Objective, ObjectiveConfig
+from mta_cli.training.mixing import MixedBatches
 from mta_cli.training.online import OnlineBatches
 from mta_cli.training.recipes import recipe
 from mta_cli.training.run_folder import check_run_folder, holds_run, run_config, start_over, write_run_config
@@ -38,7 +38,7 @@ class TrainConfig:
     """Every option of `mta train` (see its --help)."""
 
     out: str
-    cache: str | None = None
+    cache: str | list[str] | None = None    # one cache, or several as "PATH" / "PATH:WEIGHT" (equal shares by default)
     teacher: str | None = None          # online baseline: live teacher ...
     data: str | None = None             # ... on this JSONL file
     student: str | None = None
@@ -74,6 +74,10 @@ class TrainConfig:
         settings = recipe(name)
         return cls(objective=ObjectiveConfig(**settings["objective"] | (objective or {})),
                    **settings["train"] | options, recipe=name)
+
+    @property
+    def cache_specs(self) -> list[str]:
+        return [] if not self.cache else [self.cache] if isinstance(self.cache, str) else list(self.cache)
 
     def __post_init__(self) -> None:
         check_number(self, "lr", 0)
@@ -131,7 +135,7 @@ class Run:
     student: torch.nn.Module
     tokenizer: object
     objective: Objective
-    batches: CacheBatches | OnlineBatches
+    batches: MixedBatches | OnlineBatches
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
@@ -186,6 +190,11 @@ def prepare(config: TrainConfig, device: torch.device,
     if config.resume and (checkpoint := latest_checkpoint(Path(config.out))):
         position = load_checkpoint(checkpoint, student, objective, optimizer, scheduler)
         resumed_from = str(checkpoint)
+        if isinstance(batches, MixedBatches):
+            if "batches" in position:
+                batches.load_state_dict(position["batches"])
+            else:
+                batches.seek(position["epoch"], position["batch"])
     return Run(student, tokenizer, objective, batches, optimizer, scheduler, total_steps, position, resumed_from,
                origin, source.notes)
 
@@ -273,8 +282,11 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
                 report("step", last)
                 step_tokens, step_losses = 0, {}
                 if config.checkpoint_every and (step % config.checkpoint_every == 0 or step >= run.total_steps):
+                    position = {"step": step, "epoch": epoch, "batch": batch_index + 1}
+                    if isinstance(run.batches, MixedBatches):
+                        position["batches"] = run.batches.state_dict()
                     save_checkpoint(out / "checkpoints" / f"step-{step:06d}", student, objective, optimizer,
-                                    scheduler, {"step": step, "epoch": epoch, "batch": batch_index + 1})
+                                    scheduler, position)
                 step_started = time.perf_counter()
                 if step >= run.total_steps:
                     break
