@@ -212,8 +212,9 @@ def train(
     student_config: str = typer.Option(None, "--student-config", help="JSON model config: random-init student"),
     recipe: str = typer.Option(None, "--recipe", help="a published method's settings as defaults (explicit options "
                                "win): distillm = skl, --kd-alpha 1, --skew-lambda 0.1, --lr 5e-4, no warmup"),
-    loss: str = typer.Option("srkl", "--loss", help="sft, fkl, rkl, skl, srkl, js, tvd, akl, or fdd (feature "
-                             "dynamics distillation over the key layers)"),
+    loss: str = typer.Option("srkl", "--loss", help="sft, fkl, rkl, skl, srkl, js, tvd, akl; fdd (feature "
+                             "dynamics distillation over the key layers); distillm2 (DistiLLM-2's contrastive loss "
+                             "over teacher- and student-generated caches)"),
     kd_alpha: float = typer.Option(0.5, "--kd-alpha", min=0.0, max=1.0, help="loss = (1-α) CE + α D"),
     temperature: float = typer.Option(1.0, "--temperature", min=1e-3, help="KD temperature"),
     skew_lambda: float = typer.Option(0.1, "--skew-lambda", help="λ of the skew KLs skl / srkl (DistiLLM: 0.1)"),
@@ -223,6 +224,10 @@ def train(
     fdd_feature_weight: float = typer.Option(1.0, "--fdd-feature-weight", help="FDD: weight of the layer-wise "
                                              "(trajectory) term"),
     fdd_delta_weight: float = typer.Option(1.0, "--fdd-delta-weight", help="FDD: weight of the first-difference term"),
+    distillm2_beta: float = typer.Option(1.0, "--distillm2-beta", help="DistiLLM-2: β of the student-generated "
+                                         "term, 2 - β on the teacher-generated one"),
+    distillm2_gradual: bool = typer.Option(False, "--distillm2-gradual", help="DistiLLM-2: β from 1 to 1.5 over "
+                                           "the first half of training"),
     topk: bool = typer.Option(False, "--topk", help="base loss from the cache's top-k teacher log-probs (extract "
                                                     "--top-k) instead of exact logits; sft or fkl"),
     mta: bool = typer.Option(False, "--mta", help="add MTA: DSA + Hid along the key layers"),
@@ -255,6 +260,13 @@ def train(
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0, help="steps between checkpoints (0: none)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     device: str = typer.Option("auto", "--device"),
+    student_data: str = typer.Option("fixed", "--student-data", help="fixed: the --cache weights; adaptive: "
+                                     "DistiLLM's share of student-generated caches, raised by 0.1 whenever the "
+                                     "--dev-cache loss grew by --student-data-eps (needs --eval-every)"),
+    dev_cache: str = typer.Option(None, "--dev-cache", help="adaptive student data: the dev cache"),
+    eval_every: int = typer.Option(0, "--eval-every", min=0, help="adaptive student data: steps between dev losses"),
+    student_data_eps: float = typer.Option(0.1, "--student-data-eps", help="adaptive student data: the dev-loss "
+                                           "growth that raises the share"),
     max_length: int = typer.Option(512, "--max-length", min=2, help="online baseline: tokens per sample"),
     max_prompt_length: int = typer.Option(256, "--max-prompt-length", min=1, help="online baseline: prompt tokens"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
@@ -275,7 +287,8 @@ def train(
                          use_dsa=not no_dsa, use_hid=not no_hid, lambda_dsa=lambda_dsa, lambda_hid=lambda_hid,
                          student_pooling=student_pooling, skew_lambda=skew_lambda, akl_mu=akl_mu,
                          mta_weighting=mta_weighting, fdd_divergence=fdd_divergence,
-                         fdd_feature_weight=fdd_feature_weight, fdd_delta_weight=fdd_delta_weight)
+                         fdd_feature_weight=fdd_feature_weight, fdd_delta_weight=fdd_delta_weight,
+                         distillm2_beta=distillm2_beta, distillm2_gradual=distillm2_gradual)
         options = dict(
             out=str(out_path), cache=(cache[0] if len(cache) == 1 else list(cache)) if cache else None, teacher=teacher, data=data, student=student,
             init_from_teacher=init_from_teacher, keep_layers=keep_layers, student_config=student_config,
@@ -284,7 +297,8 @@ def train(
             projector_lr=projector_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             max_grad_norm=max_grad_norm, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume, device=device,
-            max_length=max_length, max_prompt_length=max_prompt_length,
+            max_length=max_length, max_prompt_length=max_prompt_length, student_data=student_data,
+            dev_cache=dev_cache, eval_every=eval_every, student_data_eps=student_data_eps,
         )
         if recipe:  # the recipe's settings replace what the command line left at its defaults
             settings = recipe_settings(recipe)

@@ -504,7 +504,7 @@ def test_cli_unknown_loss(cache, tmp_path):
     result = run_cli("train", "--cache", cache, "--init-from-teacher", "--keep-layers", 2, "--loss", "kld",
                      "--out", out, "--device", "cpu")
     assert result.exit_code == 1
-    assert "error: --loss must be one of sft, fkl, rkl, skl, srkl, js, tvd, akl, fdd, got 'kld'" in result.stderr
+    assert "error: --loss must be one of sft, fkl, rkl, skl, srkl, js, tvd, akl, fdd, distillm2, got 'kld'" in result.stderr
     assert not out.exists()
 
 

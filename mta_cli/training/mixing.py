@@ -114,3 +114,53 @@ class MixedBatches:
             batch.role = self.roles[source]
             batch.source = source
             yield batch
+
+
+@dataclass
+class StudentDataSchedule:
+    """DistiLLM's adaptive share of student-generated data (its `adaptive-*` losses, finetune.py).
+
+    The share starts at `share` (DistiLLM: 0) and rises by `step` (0.1, at most 1) whenever the loss on the dev
+    data has grown by `eps` (0.1) or more since it last rose, measured every `--eval-every` steps. DistiLLM
+    draws fresh samples from the current student with that probability (and replays older ones); offline the
+    student-generated responses come from the student of the previous round (`mta generate`), so the
+    schedule decides how often a batch comes from them instead of from the dataset's responses."""
+
+    share: float = 0.0
+    step: float = 0.1
+    eps: float = 0.1
+    previous: float | None = None
+
+    def observe(self, dev_loss: float) -> bool:
+        """Record a dev loss; True when the share rose."""
+        if self.previous is None:
+            self.previous = dev_loss
+            return False
+        if dev_loss >= self.previous + self.eps:
+            self.share = min(1.0, self.share + self.step)
+            self.previous = dev_loss
+            return True
+        return False
+
+    def weights(self, base: list[float], roles: list[str]) -> list[float]:
+        """Cache weights: the share split over the student-generated caches, the rest over the others, each
+        group in proportion to `base`."""
+        groups = {True: [i for i, r in enumerate(roles) if r == "student"],
+                  False: [i for i, r in enumerate(roles) if r != "student"]}
+        if not groups[True] or not groups[False]:
+            raise ValueError("the adaptive share of student-generated data needs a cache of student-generated "
+                             "responses (mta generate with the student, then extract) and one of other responses")
+        weights = [0.0] * len(base)
+        for is_student, members in groups.items():
+            total = sum(base[i] for i in members)
+            if total <= 0:
+                raise ValueError("give the caches of each group (student-generated, other) a positive weight")
+            for i in members:
+                weights[i] = (self.share if is_student else 1.0 - self.share) * base[i] / total
+        return weights
+
+    def state_dict(self) -> dict:
+        return {"share": self.share, "previous": self.previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.share, self.previous = state["share"], state["previous"]

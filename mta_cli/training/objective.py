@@ -1,4 +1,4 @@
-"""The training objective of one batch: the base loss (SFT, KD or FDD from exact teacher logits) + MTA."""
+"""The training objective of one batch: the base loss (SFT, KD, FDD or DistiLLM-2 from exact teacher logits) + MTA."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mta_cli.losses import LOSSES, DIVERGENCES, LogitHead, MTALoss, kd_loss, topk_kd_loss
+from mta_cli.losses.distillm2 import beta_at, distillm2_loss, sequence_weights
 from mta_cli.losses.fdd import fdd_loss
 from mta_cli.losses.lens import FinalNorm, final_norm_module
 from mta_cli.options import check_choice, check_number
@@ -36,15 +37,18 @@ class ObjectiveConfig:
     fdd_divergence: str = "fkl"       # FDD: the divergence of its logit, trajectory and delta terms
     fdd_feature_weight: float = 1.0   # FDD: weight of the layer-wise (trajectory) term
     fdd_delta_weight: float = 1.0     # FDD: weight of the first-difference (delta) term
+    distillm2_beta: float = 1.0       # DistiLLM-2: weight of the student-generated term (2 - β on the other)
+    distillm2_gradual: bool = False   # DistiLLM-2: β from 1 to 1.5 over the first half of training
 
     def __post_init__(self) -> None:
         check_choice(self, "loss", TRAIN_LOSSES)
         check_choice(self, "fdd_divergence", tuple(DIVERGENCES))
         check_number(self, "fdd_feature_weight", 0, 1e6)
         check_number(self, "fdd_delta_weight", 0, 1e6)
-        if self.topk and self.loss == "fdd":
-            raise ValueError("--loss fdd reads every paired layer through the exact teacher head; it cannot train "
-                             "from top-k log-probs (drop --topk)")
+        check_number(self, "distillm2_beta", 0, 2)
+        if self.topk and self.loss in ("fdd", "distillm2"):
+            raise ValueError(f"--loss {self.loss} needs the teacher's exact distributions; it cannot train from top-k "
+                             "log-probs (drop --topk)")
         check_choice(self, "student_pooling", ("student", "teacher"))
         check_number(self, "kd_alpha", 0, 1)
         check_number(self, "temperature", 0, 1e3, low_open=True)
@@ -67,7 +71,7 @@ class ObjectiveConfig:
         return sorted({t for _, t, _ in self.key_layers}) if self.uses_key_layers else []
 
 
-TRAIN_LOSSES = (*LOSSES, "fdd")
+TRAIN_LOSSES = (*LOSSES, "fdd", "distillm2")
 
 
 def student_head(model) -> LogitHead:
@@ -104,7 +108,8 @@ class Objective(nn.Module):
         code ((1 - α) CE + α (D + λ MTA)); with sft there is no mix to join."""
         return self.config.kd_alpha if self.config.mta_weighting == "group" and self.config.loss != "sft" else 1.0
 
-    def forward(self, student, batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, student, batch: Batch, progress: float = 0.0) -> dict[str, torch.Tensor]:
+        """All loss components of `batch`; `progress` (step / total steps) drives DistiLLM-2's gradual β."""
         c = self.config
         out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
                       use_cache=False, logits_to_keep=1)
@@ -116,6 +121,12 @@ class Objective(nn.Module):
         student_hidden, labels = out.hidden_states[-1][targets], batch.labels[targets]
         if c.loss == "fdd":
             losses = self.fdd(student, out.hidden_states, batch, targets, labels)
+        elif c.loss == "distillm2":
+            losses = distillm2_loss(student_hidden, student_head(student),
+                                    batch.teacher_states[self.teacher_last_layer][targets], self.teacher_head, labels,
+                                    sequence_weights(targets), batch.role == "student",
+                                    beta_at(progress, c.distillm2_beta, c.distillm2_gradual), c.skew_lambda,
+                                    c.temperature, c.chunk_size)
         elif c.topk:
             topk = {k: v[targets] for k, v in batch.topk.items()}
             losses = topk_kd_loss(student_hidden, student_head(student), topk["ids"], topk["logprobs"], topk["rest"],

@@ -17,16 +17,18 @@ from typing import Callable
 
 import torch
 
+from mta_cli.cache.reader import CacheReader
 from mta_cli.models import hidden_size, n_layers, resolve_device, tokenizer_fingerprint
-from mta_cli.options import check_number
+from mta_cli.options import check_choice, check_number
 from mta_cli.student import build_student
+from mta_cli.training.batches import CacheBatches
 from mta_cli.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mta_cli.training.mixing import MixedBatches, StudentDataSchedule
 from mta_cli.training.objective import Objective, ObjectiveConfig
-from mta_cli.training.mixing import MixedBatches
 from mta_cli.training.online import OnlineBatches
 from mta_cli.training.recipes import recipe
 from mta_cli.training.run_folder import check_run_folder, holds_run, run_config, start_over, write_run_config
-from mta_cli.training.source import Source, key_layers
+from mta_cli.training.source import Source, key_layers, same_teacher
 
 
 class TrainingDiverged(ValueError):
@@ -66,6 +68,12 @@ class TrainConfig:
     max_prompt_length: int = 256
     trust_remote_code: bool = False
     recipe: str | None = None           # the named recipe the options came from (recorded, see `from_recipe`)
+    student_data: str = "fixed"         # "adaptive": DistiLLM's share of student-generated data (training.mixing)
+    dev_cache: str | None = None        # adaptive: the dev data whose loss drives the share
+    eval_every: int = 0                 # adaptive: optimizer steps between dev losses
+    student_data_init: float = 0.0      # adaptive: the share at the start (DistiLLM: 0)
+    student_data_step: float = 0.1      # adaptive: the rise when the dev loss grew
+    student_data_eps: float = 0.1       # adaptive: the growth of the dev loss that counts
 
     @classmethod
     def from_recipe(cls, name: str, objective: dict | None = None, **options) -> "TrainConfig":
@@ -97,6 +105,14 @@ class TrainConfig:
         check_number(self, "max_prompt_length", 1, self.max_length - 1, integer=True)
         if self.recipe is not None:
             recipe(self.recipe)
+        check_choice(self, "student_data", ("fixed", "adaptive"))
+        check_number(self, "eval_every", 0, integer=True)
+        check_number(self, "student_data_init", 0, 1)
+        check_number(self, "student_data_step", 0, 1)
+        check_number(self, "student_data_eps", 0)
+        if self.student_data == "adaptive" and not (self.cache and self.dev_cache and self.eval_every):
+            raise ValueError("--student-data adaptive needs --cache (dataset and student-generated caches), "
+                             "--dev-cache and --eval-every N")
         if not self.objective.uses_key_layers:
             given = [f for f, v in (("--student-layers", self.student_layers), ("--teacher-layers", self.teacher_layers),
                                     ("--word-layers", self.word_layers != 1)) if v]
@@ -143,6 +159,9 @@ class Run:
     resumed_from: str | None
     key_layers_from: str
     notes: list[str]
+    schedule: StudentDataSchedule | None = None   # --student-data adaptive
+    dev_batches: list | None = None
+    base_weights: list[float] | None = None
 
 
 def prepare(config: TrainConfig, device: torch.device,
@@ -195,8 +214,37 @@ def prepare(config: TrainConfig, device: torch.device,
                 batches.load_state_dict(position["batches"])
             else:
                 batches.seek(position["epoch"], position["batch"])
-    return Run(student, tokenizer, objective, batches, optimizer, scheduler, total_steps, position, resumed_from,
-               origin, source.notes)
+    run = Run(student, tokenizer, objective, batches, optimizer, scheduler, total_steps, position, resumed_from,
+              origin, source.notes)
+    if config.student_data == "adaptive":
+        start_schedule(run, config, source, layers, device)
+    return run
+
+
+def start_schedule(run: Run, config: TrainConfig, source: Source, layers: list[int], device: torch.device) -> None:
+    """DistiLLM's adaptive share of student-generated data: the dev batches, the schedule (restored on resume,
+    else started from the dev loss of the initial student) and the mixer's weights."""
+    dev_reader = CacheReader(config.dev_cache)
+    same_teacher([source.reader, dev_reader])
+    pad = dev_reader.meta["tokenizer"]["pad_token_id"] or 0
+    run.dev_batches = list(CacheBatches(dev_reader, config.batch_size, layers, config.seed, pad, prefetch=False)
+                           .iterate(0))
+    run.base_weights = list(source.weights)
+    run.schedule = StudentDataSchedule(config.student_data_init, config.student_data_step, config.student_data_eps)
+    if "schedule" in run.position:
+        run.schedule.load_state_dict(run.position["schedule"])
+        return
+    run.schedule.observe(dev_loss(run, device))
+    run.batches.set_weights(run.schedule.weights(run.base_weights, run.batches.roles))
+
+
+def dev_loss(run: Run, device: torch.device) -> float:
+    """The mean distillation loss (the "kd" term, else the total) of the dev batches, the student in eval mode."""
+    run.student.eval()
+    with torch.no_grad():
+        values = [run.objective(run.student, batch.to(device)) for batch in run.dev_batches]
+    run.student.train()
+    return sum(float(v.get("kd", v["loss"])) for v in values) / len(values)
 
 
 def plan_steps(config: TrainConfig, batches_per_epoch: int) -> int:
@@ -258,7 +306,7 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
             skip = run.position["batch"] if epoch == run.position["epoch"] else 0
             for batch_index, batch in enumerate(run.batches.iterate(epoch, skip), start=skip):
                 with autocast:
-                    losses = objective(student, batch.to(device))
+                    losses = objective(student, batch.to(device), progress=step / run.total_steps)
                 (losses["loss"] / config.grad_accum).backward()
                 step_tokens += batch.n_tokens
                 step_losses = {k: step_losses.get(k, 0) + v.detach() / config.grad_accum for k, v in losses.items()}
@@ -277,6 +325,8 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
                 train_seconds, train_tokens = train_seconds + seconds, train_tokens + step_tokens
                 last = {"step": step, "epoch": epoch, "lr": lr, **values, "tokens": step_tokens,
                         "step_seconds": seconds, "tokens_per_second": step_tokens / seconds}
+                if run.schedule is not None:
+                    last |= advance_schedule(run, step, config.eval_every, device)
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
                 report("step", last)
@@ -285,6 +335,8 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
                     position = {"step": step, "epoch": epoch, "batch": batch_index + 1}
                     if isinstance(run.batches, MixedBatches):
                         position["batches"] = run.batches.state_dict()
+                    if run.schedule is not None:
+                        position["schedule"] = run.schedule.state_dict()
                     save_checkpoint(out / "checkpoints" / f"step-{step:06d}", student, objective, optimizer,
                                     scheduler, position)
                 step_started = time.perf_counter()
@@ -295,6 +347,17 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
                         seconds=time.perf_counter() - started, seconds_per_step=train_seconds / max(step, 1),
                         tokens_per_second=train_tokens / max(train_seconds, 1e-9), resumed_from=run.resumed_from,
                         key_layers=[list(k) for k in objective.config.key_layers], key_layers_from=run.key_layers_from)
+
+
+def advance_schedule(run: Run, step: int, eval_every: int, device: torch.device) -> dict:
+    """Every `eval_every` steps a dev loss, and a new share of student-generated data when it grew; the figures
+    for the step's metrics line."""
+    figures = {}
+    if step % eval_every == 0:
+        figures["dev_loss"] = dev_loss(run, device)
+        if run.schedule.observe(figures["dev_loss"]):
+            run.batches.set_weights(run.schedule.weights(run.base_weights, run.batches.roles))
+    return figures | {"student_share": run.schedule.share}
 
 
 def check_finite(step: int, losses: dict[str, float], grad_norm: float, out: Path) -> None:
