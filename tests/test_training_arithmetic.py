@@ -54,9 +54,9 @@ def initial(monkeypatch) -> dict:
             super().__init__(*args, **kwargs)
             made["objective"] = copy.deepcopy(self)
 
-        def forward(self, student, batch):
+        def forward(self, student, batch, progress=0.0):
             made["batches"].append(batch)
-            return super().forward(student, batch)
+            return super().forward(student, batch, progress)
 
     monkeypatch.setattr(trainer, "build_student", build)
     monkeypatch.setattr(trainer, "Objective", Recording)
