@@ -1,6 +1,6 @@
 """Benchmark 3 — offline vs online training step.
 
-Step time of `--loss sft`, `--loss srkl` and `--loss srkl --mta` (8-layer student, batch 8), offline
+Step time of `--loss sft`, `--loss srkl`, `--loss srkl --mta` and `--loss fdd` (8-layer student, batch 8), offline
 (batches from the cache) and online (teacher forward and spaCy in the step, as the research code
 does). All six are timed in one process, interleaved round by round on the same batches, so each
 ratio is taken pair by pair on a noisy machine. A step is forward, backward and optimizer step; online
@@ -39,7 +39,7 @@ from mta_cli.training.batches import CacheBatches, collate
 from mta_cli.training.objective import Objective, ObjectiveConfig
 from mta_cli.training.online import live_samples
 
-CONFIGS = [("sft", "sft", False), ("srkl", "srkl", False), ("srkl --mta", "srkl", True)]
+CONFIGS = [("sft", "sft", False), ("srkl", "srkl", False), ("srkl --mta", "srkl", True), ("fdd", "fdd", False)]
 LAYERS = [15, 22, 30]
 
 
@@ -65,11 +65,11 @@ def peak_memory(mode: str, loss: str, mta: bool, cache: str, data: str, teacher:
 class Trainee:
     """One configuration: its own student copy, objective and optimizer, stepping on given batches."""
 
-    def __init__(self, base_student, loss: str, mta: bool, head, n_teacher: int):
+    def __init__(self, base_student, loss: str, mta: bool, head, n_teacher: int, norm):
         self.student = copy.deepcopy(base_student).train()
-        key_layers = default_key_layers(8, n_teacher) if mta else []
+        key_layers = default_key_layers(8, n_teacher) if mta or loss == "fdd" else []
         self.objective = Objective(ObjectiveConfig(loss=loss, mta=mta, key_layers=key_layers), head, n_teacher,
-                                   576, 576)
+                                   576, 576, norm)
         self.optimizer = torch.optim.AdamW(list(self.student.parameters()) + list(self.objective.parameters()), 1e-5)
 
     def step(self, batch) -> None:
@@ -103,7 +103,7 @@ def main() -> None:
     assert len(encoded) == len(reader) and all(encoded), "every record must be a cache sample (same indices)"
     segmenter = Segmenter()
     base = prune_layers(copy.deepcopy(teacher), 8)
-    trainees = {name: Trainee(base, loss, mta, reader.head, 30) for name, loss, mta in CONFIGS}
+    trainees = {name: Trainee(base, loss, mta, reader.head, 30, reader.final_norm) for name, loss, mta in CONFIGS}
 
     times: dict[tuple[str, str], list[float]] = {(n, m): [] for n, _, _ in CONFIGS for m in ("offline", "online")}
     for r, indices in enumerate(rounds):
@@ -139,7 +139,8 @@ def main() -> None:
            {"mta_overhead_over_srkl": mta_cost, "srkl_mta_over_sft": over_sft, "parts_seconds": pieces,
             "step_seconds": {f"{k[0]} / {k[1]}": v for k, v in times.items()}})
     print(f"\nMTA adds {100 * mta_cost:.1f}% to the offline srkl step (target <= 15%); offline srkl --mta = "
-          f"{over_sft:.2f}x offline sft (target <= 1.25)")
+          f"{over_sft:.2f}x offline sft (target <= 1.25); FDD's peak memory offline = "
+          f"{memory[('fdd', 'offline')] / memory[('srkl', 'offline')]:.2f}x srkl's (target <= 1.3)")
     print("parts of one step (s): " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                                  for k, v in pieces.items()))
 
