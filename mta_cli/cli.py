@@ -219,6 +219,9 @@ def train(
     temperature: float = typer.Option(1.0, "--temperature", min=1e-3, help="KD temperature"),
     skew_lambda: float = typer.Option(0.1, "--skew-lambda", help="λ of the skew KLs skl / srkl (DistiLLM: 0.1)"),
     akl_mu: float = typer.Option(0.5, "--akl-mu", help="μ of akl: teacher mass of the head (AKL: 0.5)"),
+    kd_chunk_size: int = typer.Option(None, "--kd-chunk-size", min=1, help="target positions per vocabulary chunk "
+                                      "of the KD losses [default: ~48 MiB per [chunk, V] float32 tensor, 256 for a "
+                                      "49k vocabulary]"),
     fdd_divergence: str = typer.Option("fkl", "--fdd-divergence", help="FDD: divergence of its logit, trajectory "
                                        "and delta terms"),
     fdd_feature_weight: float = typer.Option(1.0, "--fdd-feature-weight", help="FDD: weight of the layer-wise "
@@ -288,7 +291,8 @@ def train(
                          student_pooling=student_pooling, skew_lambda=skew_lambda, akl_mu=akl_mu,
                          mta_weighting=mta_weighting, fdd_divergence=fdd_divergence,
                          fdd_feature_weight=fdd_feature_weight, fdd_delta_weight=fdd_delta_weight,
-                         distillm2_beta=distillm2_beta, distillm2_gradual=distillm2_gradual)
+                         distillm2_beta=distillm2_beta, distillm2_gradual=distillm2_gradual,
+                         chunk_size=kd_chunk_size)
         options = dict(
             out=str(out_path), cache=(cache[0] if len(cache) == 1 else list(cache)) if cache else None, teacher=teacher, data=data, student=student,
             init_from_teacher=init_from_teacher, keep_layers=keep_layers, student_config=student_config,

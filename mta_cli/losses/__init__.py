@@ -11,7 +11,7 @@ from mta_cli.losses.divergences import (
     topk_forward_kl,
     tvd,
 )
-from mta_cli.losses.kd import LOSSES, LogitHead, kd_loss, kd_loss_from_logits, topk_kd_loss
+from mta_cli.losses.kd import LOSSES, LogitHead, auto_chunk_size, kd_loss, kd_loss_from_logits, topk_kd_loss
 from mta_cli.losses.mta import (
     MTALoss,
     dsa_loss,
@@ -29,6 +29,7 @@ __all__ = [
     "LogitHead",
     "MTALoss",
     "adaptive_kl",
+    "auto_chunk_size",
     "default_key_layers",
     "default_teacher_layers",
     "dsa_loss",

@@ -27,6 +27,13 @@ from torch import Tensor
 from mta_cli.losses.divergences import DIVERGENCES, bound_divergence, log_probs, topk_forward_kl
 
 LOSSES = ("sft", *DIVERGENCES)
+CHUNK_BYTES = 48 << 20  # one [chunk, V] float32 tensor; a KD chunk keeps about six alive
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk so that one [chunk, V] float32 tensor is about 48 MiB: 256 for SmolLM2's 49,152
+    tokens (peak memory of an srkl step 1.11x sft's at batch 8 x 256, against 1.42x with 1,024)."""
+    return max(32, min(4096, CHUNK_BYTES // (4 * vocab_size)))
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mta_cli.losses import LOSSES, DIVERGENCES, LogitHead, MTALoss, kd_loss, topk_kd_loss
+from mta_cli.losses import DIVERGENCES, LOSSES, LogitHead, MTALoss, auto_chunk_size, kd_loss, topk_kd_loss
 from mta_cli.losses.distillm2 import beta_at, distillm2_loss, sequence_weights
 from mta_cli.losses.fdd import fdd_loss
 from mta_cli.losses.lens import FinalNorm, final_norm_module
@@ -29,7 +29,7 @@ class ObjectiveConfig:
     lambda_hid: float = 0.2
     student_pooling: str = "student"
     key_layers: list[tuple[int, int, str]] = field(default_factory=list)
-    chunk_size: int = 1024
+    chunk_size: int | None = None     # target positions per vocabulary chunk; None: from the vocabulary size
     topk: bool = False   # base loss from the cache's top-k teacher log-probs instead of exact logits
     skew_lambda: float = 0.1          # λ of skl / srkl (DistiLLM: 0.1)
     akl_mu: float = 0.5               # μ of akl, the teacher mass of the head (AKL: 0.5)
@@ -54,7 +54,7 @@ class ObjectiveConfig:
         check_number(self, "temperature", 0, 1e3, low_open=True)
         check_number(self, "lambda_dsa", 0, 1e6)
         check_number(self, "lambda_hid", 0, 1e6)
-        check_number(self, "chunk_size", 1, integer=True)
+        check_number(self, "chunk_size", 1, integer=True, optional=True)
         check_number(self, "skew_lambda", 0, 1)
         check_number(self, "akl_mu", 0, 1, low_open=True)
         check_choice(self, "mta_weighting", ("paper", "group"))
@@ -92,6 +92,7 @@ class Objective(nn.Module):
                  student_dim: int, teacher_dim: int, teacher_norm: FinalNorm | None = None):
         super().__init__()
         self.config = config
+        self.chunk_size = config.chunk_size or auto_chunk_size(teacher_head.weight.shape[0])
         self.teacher_head = teacher_head
         self.teacher_norm = teacher_norm
         self.teacher_last_layer = teacher_last_layer
@@ -126,16 +127,16 @@ class Objective(nn.Module):
                                     batch.teacher_states[self.teacher_last_layer][targets], self.teacher_head, labels,
                                     sequence_weights(targets), batch.role == "student",
                                     beta_at(progress, c.distillm2_beta, c.distillm2_gradual), c.skew_lambda,
-                                    c.temperature, c.chunk_size)
+                                    c.temperature, self.chunk_size)
         elif c.topk:
             topk = {k: v[targets] for k, v in batch.topk.items()}
             losses = topk_kd_loss(student_hidden, student_head(student), topk["ids"], topk["logprobs"], topk["rest"],
-                                  labels, c.loss, c.kd_alpha, c.temperature, c.chunk_size)
+                                  labels, c.loss, c.kd_alpha, c.temperature, self.chunk_size)
         else:
             teacher_hidden = batch.teacher_states[self.teacher_last_layer][targets] if needs_teacher else None
             losses = kd_loss(student_hidden, student_head(student), teacher_hidden,
                              self.teacher_head if needs_teacher else None, labels, c.loss, c.kd_alpha, c.temperature,
-                             c.chunk_size, c.skew_lambda, c.akl_mu)
+                             self.chunk_size, c.skew_lambda, c.akl_mu)
         if self.mta is not None:
             student_states = {s: out.hidden_states[s] for s, _, _ in c.key_layers}
             teacher_states = {t: batch.teacher_states[t] for _, t, _ in c.key_layers}
@@ -158,5 +159,5 @@ class Objective(nn.Module):
         teacher_states = [(batch.teacher_states[t] if t == self.teacher_last_layer else
                            self.teacher_norm(batch.teacher_states[t]))[targets] for _, t in pairs]
         return fdd_loss(student_states, student_head(student), teacher_states, self.teacher_head, labels, c.kd_alpha,
-                        c.temperature, c.fdd_feature_weight, c.fdd_delta_weight, c.fdd_divergence, c.chunk_size,
+                        c.temperature, c.fdd_feature_weight, c.fdd_delta_weight, c.fdd_divergence, self.chunk_size,
                         c.skew_lambda, c.akl_mu)
