@@ -101,6 +101,8 @@ def extract(
     layers: str = typer.Option(None, "--layers", help="teacher layers to store, e.g. 15,22,30 "
                                                       "[default: depth 1/2, 3/4 and 1; the last is always stored]"),
     dtype: str = typer.Option("bf16", "--dtype", help="stored state precision: bf16, fp16, fp32 or int8"),
+    key_dtype: str = typer.Option(None, "--key-dtype", help="precision of the layers other than the last (which "
+                                  "feeds the exact logits), e.g. int8 [default: --dtype]"),
     teacher_dtype: str = typer.Option("fp32", "--teacher-dtype", help="teacher compute precision: fp32, bf16, fp16"),
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda, cuda:1, ..."),
     max_length: int = typer.Option(512, "--max-length", min=2, help="tokens per sample, prompt + response"),
@@ -133,6 +135,7 @@ def extract(
     with reported_errors():
         config = ExtractConfig(
             teacher=teacher, data=str(data), out=out_path, format=format, layers=parse_ints(layers, "--layers"), dtype=dtype,
+            key_dtype=key_dtype,
             teacher_dtype=teacher_dtype, device=device, max_length=max_length, max_prompt_length=max_prompt_length,
             batch_size=batch_size, shard_size=shard_size, top_k=top_k, spacy_model=spacy_model, words=words,
             spacy_processes=spacy_processes, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code, force=force,

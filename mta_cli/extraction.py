@@ -45,6 +45,7 @@ class ExtractConfig:
     format: str = "auto"
     layers: list[int] | None = None
     dtype: str = "bf16"
+    key_dtype: str | None = None      # the layers other than the last; None: --dtype
     teacher_dtype: str = "fp32"
     device: str = "auto"
     max_length: int = 512
@@ -74,6 +75,7 @@ class ExtractConfig:
         check_number(self, "spacy_processes", 1, 256, integer=True)
         check_number(self, "seed", 0, 2**63 - 1, integer=True)
         check_choice(self, "dtype", STATE_DTYPES)
+        check_choice(self, "key_dtype", (None, *STATE_DTYPES))
         check_choice(self, "teacher_dtype", ("fp32", "bf16", "fp16"))
         check_choice(self, "format", ("auto", *FORMATS))
         check_choice(self, "words", WORD_MODES)
@@ -139,15 +141,16 @@ def estimate_bytes(config: ExtractConfig, n_tokens: int, n_teacher_layers: int, 
 
     The head counts as stored: `head_bytes` when it is already written, else its raw size in the teacher's
     precision times the compression measured on SmolLM2's head (0.63 in fp32)."""
-    layers = config.layers or default_teacher_layers(n_teacher_layers)
-    n_stored = len(set(layers) | {n_teacher_layers})
-    per_value = BYTES_PER_VALUE[config.dtype]
-    state_raw = n_stored * d * per_value + (4 * n_stored if config.dtype == "int8" else 0)
+    layers = sorted(set(config.layers or default_teacher_layers(n_teacher_layers)) | {n_teacher_layers})
+    dtypes = [config.dtype if layer == n_teacher_layers else config.key_dtype or config.dtype for layer in layers]
+    raw = [d * BYTES_PER_VALUE[dtype] + (4 if dtype == "int8" else 0) for dtype in dtypes]  # per layer and token
+    state_raw = sum(raw)
     token_raw = state_raw + 12 + (8 * config.top_k + 4 if config.top_k else 0)  # ids, offsets, top-k
-    per_token = state_raw * COMPRESSION_ESTIMATE[config.dtype] + 12 * 0.5 + (8 * config.top_k + 4 if config.top_k else 0)
+    per_token = sum(r * COMPRESSION_ESTIMATE[dtype] for r, dtype in zip(raw, dtypes)) + 12 * 0.5 + \
+        (8 * config.top_k + 4 if config.top_k else 0)
     head = head_bytes if head_bytes is not None else int(
         vocab * d * (2 if config.teacher_dtype in ("bf16", "fp16") else 4) * HEAD_COMPRESSION_ESTIMATE)
-    return {"tokens": n_tokens, "layers": sorted(set(layers) | {n_teacher_layers}), "raw_bytes_per_token": token_raw,
+    return {"tokens": n_tokens, "layers": layers, "raw_bytes_per_token": token_raw,
             "est_bytes_per_token": per_token, "head_bytes": head, "est_total_bytes": int(per_token * n_tokens + head)}
 
 
@@ -232,7 +235,8 @@ def run_teacher(model, samples: list[Encoded], config: ExtractConfig, layers: li
             n = len(samples[i].input_ids)
             encoded = {}
             for layer, h in out.states.items():
-                for suffix, values in encode_states(h[row, :n].cpu(), config.dtype).items():
+                dtype = config.dtype if layer == layers[-1] else config.key_dtype or config.dtype
+                for suffix, values in encode_states(h[row, :n].cpu(), dtype).items():
                     encoded[(layer, suffix)] = values
             states[i] = encoded
             if topk is not None:
@@ -252,6 +256,7 @@ def cache_metadata(config: ExtractConfig, the_plan: Plan, model, layers: list[in
         "tokenizer_sha256": tokenizer_fingerprint(tok),
         "layers": layers,
         "state_dtype": config.dtype,
+        "key_dtype": config.key_dtype or config.dtype,
         "top_k": config.top_k,
         "max_length": config.max_length,
         "max_prompt_length": config.max_prompt_length,

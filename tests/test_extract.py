@@ -459,3 +459,23 @@ def test_head_bias_and_scale_are_read_back_and_reproduce_the_logits(kind, teache
     else:
         assert head.bias is None and head.scale == 0.25 and head.softcap is None
         assert (dataclasses.replace(head, scale=1.0)(last) - logits.float()).abs().max() > 0.5
+
+
+def test_key_layers_in_int8_and_the_last_in_bf16(caches, tiny_teacher_dir, data_file, tmp_path):
+    """--key-dtype int8: the last layer (exact logits) as in the bf16 cache, the others quantised per token."""
+    _, mixed = run(tiny_teacher_dir, data_file, tmp_path / "mixed.zarr", dtype="bf16", key_dtype="int8", batch_size=4,
+                   skip_invalid=True, shard_size=3)
+    _, bf16 = caches["bf16"]
+    _, fp32 = caches["fp32"]
+    assert mixed.layer_dtypes == {2: "int8", 3: "int8", 4: "bf16"} and mixed.meta["config"]["key_dtype"] == "int8"
+    for a, b, exact in zip(all_samples(mixed), all_samples(bf16), all_samples(fp32)):
+        assert torch.equal(a.states[4], b.states[4])
+        for layer in (2, 3):
+            if layer in exact.states:
+                step = exact.states[layer].abs().amax(dim=-1, keepdim=True) / 127
+                assert torch.all((a.states[layer] - exact.states[layer]).abs() <= step / 2 + 1e-6)
+    from mta_cli.cache import inspect as cache_inspect
+
+    assert cache_inspect.verify(mixed.url) == []
+    info_mixed, info_bf16 = cache_inspect.info(mixed.url), cache_inspect.info(bf16.url)
+    assert info_mixed["bytes_per_token"] < info_bf16["bytes_per_token"]

@@ -116,7 +116,7 @@ def set_root_meta(cache: Path, **changes) -> None:
 def test_edited_metadata_is_refused_by_train_eval_verify_and_info(tmp_path, good):
     cases = {
         "state_dtype": (lambda c: edit_json(c / "zarr.json", lambda d: d["attributes"]["mta"]["config"].update(
-            state_dtype="fp32")), "states/2: manifest says uint16["),
+            state_dtype="fp32")), "states/4: manifest says uint16["),
         "token_ptr shape": (lambda c: edit_json(c / "shards/00000/token_ptr/zarr.json",
                                                 lambda d: d.update(shape=[9])),
                             "shards/00000: token_ptr: metadata says int64[9], the manifest int64[4]"),

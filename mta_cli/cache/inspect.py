@@ -10,7 +10,7 @@ import zarr
 from rich.text import Text
 
 from mta_cli.cache.integrity import CacheIntegrityError, survey
-from mta_cli.cache.layout import shard_name
+from mta_cli.cache.layout import layer_dtypes, shard_name
 from mta_cli.cache.reader import POINTERS, RAGGED, CacheReader
 from mta_cli.cache.store import CacheError, open_root
 
@@ -96,7 +96,7 @@ def check(url: str) -> Verification:
     for shard in found.sound_shards:
         group = root[shard_name(shard.index)]
         try:
-            shard.faults += _verify_shard(group, config, d, vocab)
+            shard.faults += _verify_shard(group, config, d, vocab, layer_dtypes(config, teacher["n_layers"]))
         except Exception as e:  # noqa: BLE001 - a truncated or altered chunk fails to decode
             shard.faults.append(f"unreadable ({type(e).__name__}: {e})")
         if shard.faults:
@@ -161,7 +161,7 @@ def extract_command(url: str) -> str:
     return " ".join(parts)
 
 
-def _verify_shard(group: zarr.Group, config: dict, d: int, vocab: int) -> list[str]:
+def _verify_shard(group: zarr.Group, config: dict, d: int, vocab: int, dtypes: dict[int, str]) -> list[str]:
     """Decode every array of a shard and check its contents (the manifest was checked by the survey)."""
     a, faults = {}, []
     for name in group.attrs["arrays"]:
@@ -196,8 +196,8 @@ def _verify_shard(group: zarr.Group, config: dict, d: int, vocab: int) -> list[s
             faults.append(f"{kind}_tokens: a span's token range lies outside its sample")
     if np.any(a["n_prompt_tokens"] >= tokens_per_sample):
         faults.append("n_prompt_tokens: a sample has no response token")
-    for layer in config["layers"]:
-        if not _finite(a[f"states/{layer}"], config["state_dtype"]):
+    for layer, dtype in dtypes.items():
+        if not _finite(a[f"states/{layer}"], dtype):
             faults.append(f"states/{layer}: contains NaN or inf")
         scale = a.get(f"states/{layer}.scale")
         if scale is not None and not np.isfinite(scale).all():

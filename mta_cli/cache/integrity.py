@@ -19,7 +19,8 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from mta_cli.cache.layout import FORMAT_VERSION, INNER_CHUNK_ROWS, STATE_DTYPES, promised_arrays, shard_name
+from mta_cli.cache.layout import (FORMAT_VERSION, INNER_CHUNK_ROWS, STATE_DTYPES, layer_dtypes, promised_arrays,
+                                  shard_name)
 
 # Bounds on declared sizes: far beyond any real model, small enough that nothing absurd is allocated.
 LIMITS = {"n_layers": 4096, "hidden_size": 1 << 17, "vocab_size": 1 << 23, "max_length": 1 << 20,
@@ -200,6 +201,9 @@ def check_metadata(meta: dict) -> None:
     if _require(meta, "config.state_dtype", str) not in STATE_DTYPES:
         raise CacheIntegrityError(f"field 'config.state_dtype' is {meta['config']['state_dtype']!r}, "
                                   f"not one of {', '.join(STATE_DTYPES)}")
+    if meta["config"].get("key_dtype") not in (None, *STATE_DTYPES):
+        raise CacheIntegrityError(f"field 'config.key_dtype' is {meta['config']['key_dtype']!r}, "
+                                  f"not one of {', '.join(STATE_DTYPES)}")
     layers = _require(meta, "config.layers", list)
     if not layers or any(isinstance(l, bool) or not isinstance(l, int) or not 0 <= l <= n_layers for l in layers) \
             or layers != sorted(set(layers)) or layers[-1] != n_layers:
@@ -232,8 +236,8 @@ def _check_shard(group: zarr.Group, keys: set[str], index: int, expected_samples
         return info
     info.n_samples, info.n_tokens = n_samples, n_tokens
     config = meta["config"]
-    promised = promised_arrays(n_samples, n_tokens, meta["teacher"]["hidden_size"], config["layers"],
-                               config["state_dtype"], config["top_k"])
+    promised = promised_arrays(n_samples, n_tokens, meta["teacher"]["hidden_size"],
+                               layer_dtypes(config, meta["teacher"]["n_layers"]), config["top_k"])
     entries = attrs.get("arrays")
     info.faults += manifest_faults(entries, keys, promised)
     if not info.faults and deep_metadata:

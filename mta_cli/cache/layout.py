@@ -45,7 +45,14 @@ def shard_name(index: int) -> str:
     return f"shards/{index:05d}"
 
 
-def promised_arrays(n_samples: int, n_tokens: int, hidden: int, layers: list[int], state_dtype: str,
+def layer_dtypes(config: dict, last_layer: int) -> dict[int, str]:
+    """The storage type of each stored layer: `state_dtype` for the last layer (it feeds the exact logits), and
+    `key_dtype` (when set) for the others."""
+    key = config.get("key_dtype") or config["state_dtype"]
+    return {layer: config["state_dtype"] if layer == last_layer else key for layer in config["layers"]}
+
+
+def promised_arrays(n_samples: int, n_tokens: int, hidden: int, dtypes: dict[int, str],
                     top_k: int) -> dict[str, tuple[np.dtype, tuple[int | None, ...]]]:
     """Every array a shard of `n_samples` samples and `n_tokens` tokens must hold: name -> (dtype, shape).
 
@@ -57,9 +64,9 @@ def promised_arrays(n_samples: int, n_tokens: int, hidden: int, layers: list[int
     arrays["text_bytes"] = (np.dtype(np.uint8), (None,))
     for kind in SPAN_KINDS:
         arrays |= {name.format(kind=kind): (np.dtype(t), (None, *rest)) for name, (t, rest) in PER_SPAN_ARRAYS.items()}
-    for layer in layers:
-        arrays[f"states/{layer}"] = (storage_dtype(state_dtype), (n_tokens, hidden))
-        if state_dtype == "int8":
+    for layer, dtype in dtypes.items():
+        arrays[f"states/{layer}"] = (storage_dtype(dtype), (n_tokens, hidden))
+        if dtype == "int8":
             arrays[f"states/{layer}.scale"] = (np.dtype(np.float32), (n_tokens,))
     if top_k:
         arrays |= {"topk_ids": (np.dtype(np.int32), (n_tokens, top_k)),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import zarr
 
-from mta_cli.cache.layout import decode_states, shard_name
+from mta_cli.cache.layout import decode_states, layer_dtypes, shard_name
 from mta_cli.cache.integrity import REPAIR_HINT, CacheIntegrityError, manifest_faults, store_keys, survey
 from mta_cli.cache.store import CacheError, open_root
 from mta_cli.losses.kd import LogitHead
@@ -62,16 +62,16 @@ class CachedSample:
 class ShardData:
     """All arrays of one shard as stored; `shard[j]` slices sample j and decodes its states."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], first_index: int, layers: list[int], state_dtype: str):
+    def __init__(self, arrays: dict[str, np.ndarray], first_index: int, layers: list[int], dtypes: dict[int, str]):
         self.arrays = arrays
         self.first_index = first_index
         self.layers = layers
-        self.state_dtype = state_dtype
+        self.dtypes = dtypes
 
     def states(self, layer: int, t0: int, t1: int) -> torch.Tensor:
         """Decoded float32 states [t1 - t0, d] of one layer; decoding per sample keeps memory at storage size."""
         scale = self.arrays.get(f"states/{layer}.scale")
-        return decode_states(self.arrays[f"states/{layer}"][t0:t1], self.state_dtype,
+        return decode_states(self.arrays[f"states/{layer}"][t0:t1], self.dtypes[layer],
                              None if scale is None else scale[t0:t1])
 
     def __len__(self) -> int:
@@ -136,6 +136,7 @@ class CacheReader:
         self.survey = found
         self.layers: list[int] = list(meta["config"]["layers"])
         self.state_dtype: str = meta["config"]["state_dtype"]
+        self.layer_dtypes = layer_dtypes(meta["config"], meta["teacher"]["n_layers"])
         sound = found.sound_shards
         self.shard_indices = [s.index for s in sound]
         self.shard_sizes = [s.n_samples for s in sound]
@@ -204,7 +205,7 @@ class CacheReader:
         arrays = {name: self._read(group, name) for name in group.array_keys()}
         for name in self._state_arrays(layers):
             arrays[name] = self._read(group, name)
-        return ShardData(arrays, int(self.shard_starts[position]), layers, self.state_dtype)
+        return ShardData(arrays, int(self.shard_starts[position]), layers, self.layer_dtypes)
 
     def sample_lengths(self, position: int) -> np.ndarray:
         """Token counts [n] of the samples of the `position`-th complete shard (its row pointer only)."""
@@ -212,8 +213,8 @@ class CacheReader:
         return np.diff(self._read(group, "token_ptr"))
 
     def _state_arrays(self, layers: list[int]) -> list[str]:
-        scale = self.state_dtype == "int8"
-        return [name for layer in layers for name in [f"states/{layer}"] + ([f"states/{layer}.scale"] if scale else [])]
+        return [name for layer in layers for name in
+                [f"states/{layer}"] + ([f"states/{layer}.scale"] if self.layer_dtypes[layer] == "int8" else [])]
 
     def iter_shards(self, layers: list[int] | None = None) -> Iterator[ShardData]:
         for position in range(len(self.shard_indices)):
@@ -241,4 +242,4 @@ class CacheReader:
         lo, hi = pointers["token_ptr"]
         for name in self._state_arrays(layers):
             arrays[name] = self._read(group, name, slice(lo, hi))
-        return ShardData(arrays, index, layers, self.state_dtype)[0]
+        return ShardData(arrays, index, layers, self.layer_dtypes)[0]
