@@ -22,15 +22,18 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from mta_cli import __version__
 from mta_cli.cache import inspect as cache_inspect
 from mta_cli.cli_eval import eval_command
+from mta_cli.cli_generate import generate_command
 from mta_cli import cli_support
 from mta_cli.cli_support import err, out, parse_ints, print_figures, reported_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Distil LLMs with MTA: teacher and spaCy once into a cache (`extract`), "
-                       "students offline from it (`train`), side-by-side evaluation (`eval`).")
+                       "students offline from it (`train`), side-by-side evaluation (`eval`), a model's "
+                       "responses as new data (`generate`).")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check an extraction cache.")
 app.add_typer(cache_app, name="cache")
 app.command("eval")(eval_command)
+app.command("generate")(generate_command)
 
 
 def left_at_default(ctx: typer.Context, name: str) -> bool | None:

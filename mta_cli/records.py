@@ -161,8 +161,8 @@ class _Reader:
         value = obj.get("generated_by")
         if value is not None and not (isinstance(value, dict) and all(
                 isinstance(value.get(key), str) for key in ("model", "weights_sha256"))):
-            raise self.fail(f"expected an object with the strings 'model' and 'weights_sha256', got {json.dumps(value)[:80]}",
-                            "generated_by")
+            raise self.fail("expected an object with the strings 'model' and 'weights_sha256', got "
+                            f"{json.dumps(value)[:80]}", "generated_by")
         return value
 
     def chat(self, obj: dict) -> Record:
