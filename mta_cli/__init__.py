@@ -7,6 +7,7 @@ Every command is a plain function here, the CLI a thin layer on it:
     train(TrainConfig(out="runs/s1", cache="cache.zarr", init_from_teacher=True, keep_layers=8,
                       objective=ObjectiveConfig(loss="srkl", mta=True)))
     report = evaluate(["runs/s1"], ["dev.jsonl"], seeds=(10, 20))
+    generate_records(GenerateConfig(model="runs/s1", data="train.jsonl", out="gen.jsonl", seeds=[10, 20]))
 
 The names are imported on first use, so that `import mta_cli` (and `mta --help`) does not load torch.
 """
@@ -22,6 +23,8 @@ _EXPORTS = {
     "evaluate": "mta_cli.evaluation",
     "ExtractConfig": "mta_cli.extraction",
     "extract": "mta_cli.extraction",
+    "GenerateConfig": "mta_cli.generation",
+    "generate_records": "mta_cli.generation",
     "ObjectiveConfig": "mta_cli.training.objective",
     "TrainConfig": "mta_cli.training.trainer",
     "train": "mta_cli.training.trainer",

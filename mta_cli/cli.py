@@ -18,46 +18,22 @@ from pathlib import Path
 import typer
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
-from rich.table import Table
 
 from mta_cli import __version__
 from mta_cli.cache import inspect as cache_inspect
 from mta_cli.cli_eval import eval_command
+from mta_cli.cli_generate import generate_command
 from mta_cli import cli_support
-from mta_cli.cli_support import err, out, reported_errors
+from mta_cli.cli_support import err, out, parse_ints, print_figures, reported_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Distil LLMs with MTA: teacher and spaCy once into a cache (`extract`), "
-                       "students offline from it (`train`), side-by-side evaluation (`eval`).")
+                       "students offline from it (`train`), side-by-side evaluation (`eval`), a model's "
+                       "responses as new data (`generate`).")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check an extraction cache.")
 app.add_typer(cache_app, name="cache")
 app.command("eval")(eval_command)
-
-def print_figures(figures: dict, as_json: bool, title: str) -> None:
-    """Figures as JSON (for pipelines) or as a two-column table."""
-    if as_json:
-        out.print_json(json.dumps(figures))
-        return
-    table = Table(title=title, show_header=False)
-    for key, value in figures.items():
-        table.add_row(key, format_figure(value))
-    out.print(table)
-
-
-def format_figure(value) -> str:
-    """Floats with 3 decimals, or 3 significant digits when small (a learning rate): 2.50e-06, not 0.000."""
-    if isinstance(value, float):
-        return f"{value:.3g}" if value and abs(value) < 0.01 else f"{value:,.3f}"
-    return str(value)
-
-
-def parse_ints(text: str | None, option: str) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+app.command("generate")(generate_command)
 
 
 def left_at_default(ctx: typer.Context, name: str) -> bool | None:

@@ -1,4 +1,4 @@
-"""What every `mta` command shares: the two consoles, and one way to report a failure.
+"""What every `mta` command shares: the two consoles, one way to report a failure, figures as a table or JSON.
 
 Results go to stdout; progress, logs and errors to stderr. A failure the user can fix (bad data, a damaged
 cache, a missing model, an unwritable path, a full disk) is one line that names the file or option, the
@@ -8,10 +8,12 @@ cause and what to do, and exits 1; `mta --debug ...` adds the traceback.
 from __future__ import annotations
 
 import errno
+import json
 from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from mta_cli.cache.store import CacheError
 from mta_cli.models import ModelLoadError
@@ -62,3 +64,30 @@ def reported_errors(extra: tuple[type[BaseException], ...] = ()):
         if debug:
             err.print_exception()
         raise fail(os_error_message(e)) from e
+
+
+def print_figures(figures: dict, as_json: bool, title: str) -> None:
+    """Figures as JSON (for pipelines) or as a two-column table."""
+    if as_json:
+        out.print_json(json.dumps(figures))
+        return
+    table = Table(title=title, show_header=False)
+    for key, value in figures.items():
+        table.add_row(key, format_figure(value))
+    out.print(table)
+
+
+def format_figure(value) -> str:
+    """Floats with 3 decimals, or 3 significant digits when small (a learning rate): 2.50e-06, not 0.000."""
+    if isinstance(value, float):
+        return f"{value:.3g}" if value and abs(value) < 0.01 else f"{value:,.3f}"
+    return str(value)
+
+
+def parse_ints(text: str | None, option: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None

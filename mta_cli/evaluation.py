@@ -55,12 +55,60 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
 # ---------------------------------------------------------------------------------------------- generation
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    """Token ids that end a response: the tokenizer's EOS plus any EOS of the model's generation config."""
-    ids = [tokenizer.eos_token_id]
-    configured = model.generation_config.eos_token_id
-    ids += configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in ids if i is not None})
+class Sampler:
+    """Seeded, batched response sampling from one model: what `generate` and `mta generate` share.
+
+    Sampling is pure (no top-k, no repetition penalty) at `temperature` / `top_p`; `greedy` ignores seeds.
+    A prompt longer than the model's max positions minus `max_new_tokens` is truncated from the left (a
+    leading BOS kept), so that its end, which asks for the response, survives. A response stops at the
+    tokenizer's EOS or any EOS of the model's generation config.
+    """
+
+    def __init__(self, model, tokenizer, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 max_new_tokens: int = 256):
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.limit = _prompt_limit(model, max_new_tokens)
+        configured = model.generation_config.eos_token_id
+        ids = [tokenizer.eos_token_id] + (configured if isinstance(configured, list) else [configured])
+        self.eos = sorted({i for i in ids if i is not None})
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.decoding = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
+                                                                  top_p=top_p, top_k=0, repetition_penalty=1.0)
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a prompt, left-truncated to the room the model has (see the class docstring)."""
+        return _prompt_ids(self.tokenizer, prompt, self.limit)
+
+    @staticmethod
+    def batches(encoded: list[list[int]], batch_size: int) -> list[list[int]]:
+        """Prompt indices in batches of `batch_size`, longest prompt first (ties in prompt order): little padding."""
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def sample(self, encoded: list[list[int]], seed: int, batch_index: int) -> list[list[int]]:
+        """The new token ids of each prompt of one batch, cut before the first EOS.
+
+        The prompts are left-padded into one [B, width] batch. `model.generate` draws from torch's global RNG,
+        so it is reseeded from (seed, batch_index) inside `torch.random.fork_rng` (the caller's RNG state is
+        left untouched): the same prompts, seed and batch index give the same tokens on the same device.
+        """
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), self.pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        device = self.model.device
+        with torch.random.fork_rng(), torch.inference_mode():
+            torch.manual_seed(_batch_seed(seed, batch_index))
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                      max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
+                                      **self.decoding)
+        return [_cut_at_eos(new, self.eos) for new in out[:, width:].tolist()]
+
+    def decode(self, ids: list[int]) -> str:
+        """A response's text, special tokens skipped."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _prompt_limit(model, max_new_tokens: int) -> int | None:
@@ -103,44 +151,20 @@ def _cut_at_eos(ids: list[int], eos: list[int]) -> list[int]:
 def generate(model, tokenizer, prompts: list[str], seed: int, greedy: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 8,
              on_batch: Callable[[int], None] | None = None) -> list[str]:
-    """One response per prompt, in the order of `prompts`.
-
-    Prompts are sorted by token length (longest first), batched with left padding, and the order restored.
-    Sampling is pure (no top-k, no repetition penalty) at `temperature` / `top_p`; greedy ignores `seed`.
-    `model.generate` draws from torch's global RNG, so each batch reseeds it from (seed, batch index) inside
-    `torch.random.fork_rng` (the caller's RNG state is left untouched): the same seed, prompts and batch size
-    give the same outputs on the same device. A response stops at EOS; only new tokens are decoded, special
-    tokens skipped. A prompt longer than the model's max positions minus `max_new_tokens` is truncated from
-    the left (a leading BOS kept). `on_batch(n)` is called after each batch of n prompts.
+    """One response per prompt, in the order of `prompts` (`Sampler`: batched longest first, each batch
+    seeded from (seed, batch index)): the same seed, prompts and batch size give the same outputs on the
+    same device. `on_batch(n)` is called after each batch of n prompts.
     """
     if not prompts:
         return []
-    limit = _prompt_limit(model, max_new_tokens)
-    encoded = [_prompt_ids(tokenizer, p, limit) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    decoding = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p,
-                                                         top_k=0, repetition_penalty=1.0)
-    device = model.device
+    sampler = Sampler(model, tokenizer, greedy, temperature, top_p, max_new_tokens)
+    encoded = [sampler.encode(p) for p in prompts]
     outputs: list[str] = [""] * len(prompts)
-    with torch.random.fork_rng(), torch.inference_mode():
-        for b, start in enumerate(range(0, len(order), batch_size)):
-            idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                n = len(encoded[i])
-                input_ids[row, width - n:] = torch.tensor(encoded[i])
-                attention_mask[row, width - n:] = 1
-            torch.manual_seed(_batch_seed(seed, b))
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **decoding)
-            for i, new in zip(idx, out[:, width:].tolist()):
-                outputs[i] = tokenizer.decode(_cut_at_eos(new, eos), skip_special_tokens=True)
-            if on_batch:
-                on_batch(len(idx))
+    for b, idx in enumerate(sampler.batches(encoded, batch_size)):
+        for i, new in zip(idx, sampler.sample([encoded[i] for i in idx], seed, b)):
+            outputs[i] = sampler.decode(new)
+        if on_batch:
+            on_batch(len(idx))
     return outputs
 
 

@@ -284,7 +284,7 @@ def cache_metadata(config: ExtractConfig, the_plan: Plan, model, layers: list[in
                       "pad_token_id": tok.pad_token_id, "chat_template": getattr(tok, "chat_template", None)},
         "data": {"path": str(config.data), "records": len(the_plan.dataset.records),
                  "skipped_invalid": len(the_plan.dataset.skipped), "dropped_no_response": the_plan.dropped,
-                 "truncated": the_plan.truncated},
+                 "truncated": the_plan.truncated, "generated_by": the_plan.dataset.generated_by},
         "n_samples": len(the_plan.samples),
         "n_shards": -(-len(the_plan.samples) // config.shard_size),
         "n_tokens": the_plan.n_tokens,

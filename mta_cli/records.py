@@ -9,6 +9,8 @@ Formats (one per file, detected from its first JSON object that has a known key,
             response; the prompt is the rest rendered by the tokenizer's chat template
 
 A list of outputs gives several references: the first is the training target, all are used by eval.
+Other keys are ignored, except "generated_by" ({"model": str, "weights_sha256": str}, written by `mta generate`):
+the model whose responses the records hold, collected per file in `Dataset.generated_by`.
 The whole file is read and checked before anything is returned, so callers write nothing for a bad file.
 """
 
@@ -67,6 +69,7 @@ class Dataset:
     sha256: str
     records: list[Record]
     skipped: list[DataError] = field(default_factory=list)  # invalid records skipped under skip_invalid
+    generated_by: list[dict] | None = None  # distinct "generated_by" values of the records; None when none has one
 
 
 def _kind(value) -> str:
@@ -153,6 +156,15 @@ class _Reader:
             return Record(prompt, self.responses(obj, "output", "response"), self.line)
         return self.chat(obj)
 
+    def origin(self, obj: dict) -> dict | None:
+        """The record's "generated_by" (which model wrote its response), or None."""
+        value = obj.get("generated_by")
+        if value is not None and not (isinstance(value, dict) and all(
+                isinstance(value.get(key), str) for key in ("model", "weights_sha256"))):
+            raise self.fail("expected an object with the strings 'model' and 'weights_sha256', got "
+                            f"{json.dumps(value)[:80]}", "generated_by")
+        return value
+
     def chat(self, obj: dict) -> Record:
         _, messages = self.get(obj, "messages")
         if not isinstance(messages, list):
@@ -206,7 +218,7 @@ def load_records(path, fmt: str = "auto", tokenizer=None, skip_invalid: bool = F
         raise DataError(path, f"cannot read the file: {e.strerror}", hint="Check the path.") from None
 
     reader = _Reader(path, fmt, tokenizer, forced=fmt != "auto")
-    records, skipped = [], []
+    records, skipped, origins = [], [], []
     for line, raw in enumerate(data.split(b"\n"), start=1):
         reader.line = line
         if line == 1:
@@ -230,7 +242,10 @@ def load_records(path, fmt: str = "auto", tokenizer=None, skip_invalid: bool = F
                     raise reader.fail("cannot detect the format: expected a 'messages' (chat), 'prompt' or "
                                       f"'instruction' (alpaca) key, got keys {sorted(obj)}")
                 reader.fmt = detected
-            records.append(reader.record(obj))
+            record, origin = reader.record(obj), reader.origin(obj)
+            records.append(record)
+            if origin is not None and origin not in origins:
+                origins.append(origin)
         except DataError as e:
             if not skip_invalid or e.hint != SKIP_HINT:  # errors with another hint are not about one record
                 raise
@@ -241,4 +256,4 @@ def load_records(path, fmt: str = "auto", tokenizer=None, skip_invalid: bool = F
             first = str(skipped[0]).removesuffix(" " + SKIP_HINT).removesuffix(".")
             raise DataError(path, f"no valid records: all {len(skipped)} are invalid; the first: {first}", hint="")
         raise DataError(path, "no records (the file is empty or has only blank lines)", hint="")
-    return Dataset(path, reader.fmt, hashlib.sha256(data).hexdigest(), records, skipped)
+    return Dataset(path, reader.fmt, hashlib.sha256(data).hexdigest(), records, skipped, origins or None)

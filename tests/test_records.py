@@ -143,6 +143,8 @@ BAD = [  # (lines, line of the error, field, part of the message)
     ([GOOD_CHAT, chat({"role": "user", "content": "U"}, {"role": "assistant", "content": " "})], 2,
      "messages[1].content", "the response is empty"),
     ([GOOD_CHAT, chat({"role": "assistant", "content": "A"})], 2, "messages", "at least one message before"),
+    ([GOOD_PROMPT, {**GOOD_PROMPT, "generated_by": "m"}], 2, "generated_by", "strings 'model' and 'weights_sha256'"),
+    ([GOOD_PROMPT, {**GOOD_PROMPT, "generated_by": {"model": "m"}}], 2, "generated_by", 'got {"model": "m"}'),
 ]
 
 
@@ -158,6 +160,24 @@ def test_bad_records(tmp_path, bl_tok, lines, line, field, fragment):
     assert msg.startswith(where), msg
     assert fragment in msg
     assert msg.endswith("Fix the record, or pass --skip-invalid to skip invalid records.")
+
+
+def test_unknown_keys_are_ignored_and_generated_by_is_collected(tmp_path, bl_tok):
+    """Every format takes records with extra keys (those `mta generate` writes, say); the distinct
+    "generated_by" values of a file are collected in first-seen order, None for a file without any."""
+    extra = {"source_line": 7, "seed": 10, "note": {"any": ["thing"]}}
+    a = {"model": "/m/student", "weights_sha256": "ab" * 32}
+    b = {"model": "teacher", "weights_sha256": "cd" * 32}
+    for good in (GOOD_PROMPT, GOOD_ALPACA, GOOD_CHAT):
+        plain = load_records(write(tmp_path, [good]), tokenizer=bl_tok)
+        ds = load_records(write(tmp_path, [{**good, **extra, "generated_by": a}, {**good, "generated_by": b},
+                                           {**good, "generated_by": dict(reversed(a.items()))}, good]),
+                          tokenizer=bl_tok)
+        assert ds.records == [Record(r.prompt, r.responses, line) for r in plain.records for line in (1, 2, 3, 4)]
+        assert ds.generated_by == [a, b] and plain.generated_by is None
+    skipped = load_records(write(tmp_path, [GOOD_PROMPT, {"prompt": "P", "output": "", "generated_by": a}]),
+                           skip_invalid=True)
+    assert skipped.generated_by is None and len(skipped.skipped) == 1
 
 
 def test_bad_utf8(tmp_path):

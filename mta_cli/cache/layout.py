@@ -20,6 +20,12 @@ A cache is a Zarr v3 group:
     A shard's group attrs get {"arrays": manifest, "complete": true, ...} only after a listing of the store
     shows every array of the manifest (shape, dtype, number of stored chunk objects) present; the head
     group gets the same. See `cache.integrity`.
+
+The root metadata (`extraction.cache_metadata`): "config" decides the content and must match to resume;
+"teacher", "tokenizer" and "data" describe it. data.generated_by is the list of distinct
+{"model", "weights_sha256"} of data records written by `mta generate`, null for other data: the responses
+are the teacher's own where weights_sha256 equals config.teacher.weights_sha256 (both fingerprints are of
+the weights as loaded, so the same --dtype), another model's (a student's) otherwise.
 """
 
 from __future__ import annotations

@@ -45,15 +45,15 @@ def open_root(url: str, mode: str) -> zarr.Group:
                          "lost: re-extract with --force, or into a new --out") from None
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Human-readable list of keys whose values differ between two nested config dicts."""
+def config_differences(old: dict, new: dict, prefix: str = "", held: str = "cache") -> list[str]:
+    """Human-readable list of keys whose values differ between two nested config dicts (`held`: what holds old)."""
     diffs = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_differences(a, b, f"{prefix}{key}.")
+            diffs += config_differences(a, b, f"{prefix}{key}.", held)
         elif a != b:
-            diffs.append(f"{prefix}{key}: cache has {json.dumps(a)}, this run has {json.dumps(b)}")
+            diffs.append(f"{prefix}{key}: {held} has {json.dumps(a)}, this run has {json.dumps(b)}")
     return diffs
 
 
