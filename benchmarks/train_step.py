@@ -37,7 +37,7 @@ from mta_cli.student import prune_layers
 from mta_cli.teacher import output_head, teacher_forward
 from mta_cli.training.batches import CacheBatches, collate
 from mta_cli.training.objective import Objective, ObjectiveConfig
-from mta_cli.training.online import live_samples
+from mta_cli.training.data import live_samples
 
 CONFIGS = [("sft", "sft", False), ("srkl", "srkl", False), ("srkl --mta", "srkl", True), ("fdd", "fdd", False)]
 LAYERS = [15, 22, 30]

@@ -183,8 +183,12 @@ def train(
     cache: list[str] = typer.Option(None, "--cache", help="extraction cache (offline training); repeat for several, "
                                     "PATH:WEIGHT sets a cache's share of the batches (equal shares by default)"),
     teacher: str = typer.Option(None, "--teacher", help="with --cache: where the cache's teacher is now (checked "
-                                "by its weights fingerprint); with --data: the live teacher of the online baseline"),
-    data: str = typer.Option(None, "--data", help="online baseline: JSONL records (with --teacher)"),
+                                "by its weights fingerprint); with --data: the live teacher of the online baseline, "
+                                "or, with --loss sft and no --mta, only the model --init-from-teacher prunes (or "
+                                "whose tokenizer --student-config uses): it never runs"),
+    data: str = typer.Option(None, "--data", help="JSONL records, to train without a cache: with --loss sft and no "
+                             "--mta, on the data alone (no teacher forward, no spaCy); with a KD loss, fdd or --mta, "
+                             "the online baseline (needs --teacher, run every step)"),
     student: str = typer.Option(None, "--student", help="student: HF name, folder or .gguf file"),
     init_from_teacher: bool = typer.Option(False, "--init-from-teacher", help="student = depth-pruned teacher copy"),
     keep_layers: int = typer.Option(None, "--keep-layers", min=1, help="layers kept by --init-from-teacher"),
@@ -249,15 +253,20 @@ def train(
     eval_every: int = typer.Option(0, "--eval-every", min=0, help="adaptive student data: steps between dev losses"),
     student_data_eps: float = typer.Option(0.1, "--student-data-eps", help="adaptive student data: the dev-loss "
                                            "growth that raises the share"),
-    max_length: int = typer.Option(512, "--max-length", min=2, help="online baseline: tokens per sample"),
-    max_prompt_length: int = typer.Option(256, "--max-prompt-length", min=1, help="online baseline: prompt tokens"),
+    max_length: int = typer.Option(512, "--max-length", min=2, help="with --data: tokens per sample, prompt + "
+                                   "response"),
+    max_prompt_length: int = typer.Option(256, "--max-prompt-length", min=1, help="with --data: prompt tokens kept "
+                                          "(the prompt's end is kept)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
-    """Train a student offline from a cache (or online with --teacher --data, the baseline).
+    """Train a student offline from a cache, on --data alone with --loss sft (no teacher runs), or online with
+    --teacher --data (the baseline).
 
-    Example:
+    Examples:
 
         mta train --cache cache.zarr --init-from-teacher --keep-layers 8 --loss srkl --mta --out runs/srkl-mta
+
+        mta train --data train.jsonl --teacher T --init-from-teacher --keep-layers 8 --loss sft --out runs/sft
     """
     from mta_cli.training.objective import ObjectiveConfig
     from mta_cli.training.recipes import recipe as recipe_settings

@@ -40,6 +40,14 @@ def eval_command(
                                      "CKA per key-layer pair between each model and the cached teacher states"),
     cache_samples: int = typer.Option(64, "--cache-samples", min=1, help="cached samples used by --cache"),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip invalid records instead of failing"),
+    baseline: str | None = typer.Option(None, "--baseline", help="compare every other model with this one: mean "
+                                        "paired difference in ROUGE-L and per-prompt NLL, with a 95% bootstrap "
+                                        "interval over prompts (a prompt's seeds kept together); one of the "
+                                        "--model values, or evaluated first"),
+    bootstrap_samples: int = typer.Option(10_000, "--bootstrap-samples", help="bootstrap resamples of the "
+                                          "prompts, 100 to 100,000 (with --baseline)"),
+    bootstrap_seed: int = typer.Option(0, "--bootstrap-seed", help="seed of the bootstrap, >= 0: the same seed "
+                                       "gives the same intervals (with --baseline)"),
 ) -> None:
     """Evaluate models on instruction data: ROUGE-L over sampling seeds, and NLL / perplexity.
 
@@ -47,9 +55,16 @@ def eval_command(
 
     NLL / perplexity of the first reference given the prompt. The table goes to stdout, progress to stderr.
 
-    Example:
+    With --baseline B: for every other model, the mean paired difference from B in ROUGE-L and in per-prompt
+    NLL (each prompt's mean token NLL), with a 95% percentile bootstrap interval. The bootstrap resamples
+    prompts with replacement and keeps all sampling seeds of a prompt together: seeds of one prompt are
+    correlated, so this is the conservative unit.
+
+    Examples:
 
         mta eval --model runs/student --model teacher.gguf --data dev.jsonl --seeds 10,20 --json eval.json
+
+        mta eval --model runs/srkl --model runs/srkl-mta --baseline runs/srkl --data dev.jsonl --json eval.json
     """
     with reported_errors():
         seed_list = _parse_seeds(seeds)
@@ -61,7 +76,8 @@ def eval_command(
                       console=err, transient=True, disable=not err.is_terminal) as progress:
             report = evaluate(model, data, seeds=seed_list, greedy=greedy, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, max_records=max_records, device=device, dtype=dtype,
-                              progress=progress, cache=cache, cache_samples=cache_samples, skip_invalid=skip_invalid)
+                              progress=progress, cache=cache, cache_samples=cache_samples, skip_invalid=skip_invalid,
+                              baseline=baseline, bootstrap_samples=bootstrap_samples, bootstrap_seed=bootstrap_seed)
         out.print(render_table(report))
         if cache:
             out.print(render_trajectory(report))

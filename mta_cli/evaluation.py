@@ -2,8 +2,9 @@
 
 For every model and data file: sample one response per prompt for each seed (temperature 1, top-p 1 by
 default), score it with ROUGE-L F x100 (max over references), average over records per seed, then report
-mean and std over seeds; plus the teacher-forced NLL / perplexity of the first reference. Everything is a
-plain function; the CLI (`mta eval`) and any progress display sit on top.
+mean and std over seeds; plus the teacher-forced NLL / perplexity of the first reference. With a baseline,
+every other model gets paired differences against it with bootstrap intervals (`mta_cli.paired`). Everything
+is a plain function; the CLI (`mta eval`) and any progress display sit on top.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from mta_cli import __version__
 from mta_cli.cache.reader import CacheReader
 from mta_cli.encode import encode_record
 from mta_cli.models import ModelSource, load_causal_lm, load_tokenizer, resolve_device
+from mta_cli.paired import Bootstrap, paired_comparison
 from mta_cli.records import load_records
 from mta_cli.trajectory import trajectory_diagnostics
 
@@ -171,43 +174,60 @@ def generate(model, tokenizer, prompts: list[str], seed: int, greedy: bool = Fal
 # ---------------------------------------------------------------------------------------------- likelihood
 
 
-def reference_nll(model, tokenizer, records, batch_size: int = 8, max_length: int = 512,
-                  max_prompt_length: int = 256, on_batch: Callable[[int], None] | None = None) -> tuple[float, float]:
-    """(mean NLL in nats, perplexity) of the first reference given the prompt, teacher-forced.
+class ReferenceNLL(NamedTuple):
+    """What `reference_nll` measures: the token-level mean NLL (nats), its perplexity, and each record's own
+    mean token NLL (None for a record skipped for having no response token)."""
 
-    The mean is over all response tokens of all records (a token-level mean, not a mean of per-record means),
-    the EOS token appended to each response counted as a target; ppl = exp(mean NLL). Records are encoded
-    like training samples (`encode_record`: at most `max_prompt_length` prompt and `max_length` total tokens;
-    a record with no response token left is skipped).
+    nll: float
+    ppl: float
+    per_record: list[float | None]
+
+
+def reference_nll(model, tokenizer, records: Sequence, batch_size: int = 8, max_length: int = 512,
+                  max_prompt_length: int = 256, on_batch: Callable[[int], None] | None = None) -> ReferenceNLL:
+    """The NLL of the first reference given the prompt, teacher-forced, over all records and per record.
+
+    `nll` is the mean over all response tokens of all records (a token-level mean, not a mean of per-record
+    means), the EOS token appended to each response counted as a target; ppl = exp(nll). `per_record[i]` is
+    the mean over record i's own response tokens, from the same forward pass (the unit of paired comparisons).
+    Records are encoded like training samples (`encode_record`: at most `max_prompt_length` prompt and
+    `max_length` total tokens; a record with no response token left is skipped).
     """
-    encoded = (encode_record(tokenizer, r, max_length, max_prompt_length, append_eos=True) for r in records)
-    encs = sorted((e for e in encoded if e is not None), key=lambda e: len(e.input_ids))
+    encoded = ((i, encode_record(tokenizer, r, max_length, max_prompt_length, append_eos=True))
+               for i, r in enumerate(records))
+    encs = sorted(((i, e) for i, e in encoded if e is not None), key=lambda item: len(item[1].input_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = model.device
     total, count = 0.0, 0
+    per_record: list[float | None] = [None] * len(records)
     with torch.inference_mode():
         for start in range(0, len(encs), batch_size):
             batch = encs[start:start + batch_size]
-            width = max(len(e.input_ids) for e in batch)
+            width = max(len(e.input_ids) for _, e in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             target = torch.zeros((len(batch), width), dtype=torch.bool)  # [B, T]: position t is a response token
-            for row, e in enumerate(batch):
+            for row, (_, e) in enumerate(batch):
                 n = len(e.input_ids)
                 ids[row, :n] = torch.as_tensor(e.input_ids, dtype=torch.long)
                 mask[row, :n] = 1
                 target[row, max(e.n_prompt_tokens, 1):n] = True  # token 0 has nothing to be predicted from
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [B, T, V]
-            picked = target[:, 1:].to(device)  # logits at t-1 predict the token at t
-            total += F.cross_entropy(logits[:, :-1][picked].float(), ids[:, 1:].to(device)[picked],
-                                     reduction="sum").item()
-            count += int(picked.sum())
+            picked = target[:, 1:].to(device)  # [B, T-1]: logits at t-1 predict the token at t
+            token_nll = torch.zeros(picked.shape, dtype=torch.float64, device=device)  # [B, T-1]
+            token_nll[picked] = F.cross_entropy(logits[:, :-1][picked].float(), ids[:, 1:].to(device)[picked],
+                                                reduction="none").double()
+            sums, counts = token_nll.sum(1).tolist(), picked.sum(1).tolist()  # per row [B]
+            for (i, _), row_sum, row_count in zip(batch, sums, counts):
+                per_record[i] = row_sum / row_count if row_count else None
+            total += sum(sums)
+            count += sum(counts)
             if on_batch:
                 on_batch(len(batch))
     if count == 0:
         raise ValueError("no response tokens to score: every response is empty or truncated away")
     mean = total / count
-    return mean, math.exp(mean)
+    return ReferenceNLL(mean, math.exp(mean), per_record)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -216,7 +236,9 @@ def reference_nll(model, tokenizer, records, batch_size: int = 8, max_length: in
 @dataclass
 class FileResult:
     """Figures of one model on one data file. `rougeL_per_seed` maps str(seed) (or "greedy") to the mean
-    ROUGE-L over records; `rougeL_std` is the population std (ddof=0) over seeds, 0 for one seed."""
+    ROUGE-L over records; `rougeL_std` is the population std (ddof=0) over seeds, 0 for one seed.
+    `rougeL_per_record` (per seed key, in record order) and `nll_per_record` (each record's mean token NLL,
+    None for a record with no response token) are what paired comparisons resample."""
 
     file: str
     sha256: str
@@ -224,8 +246,10 @@ class FileResult:
     rougeL_mean: float
     rougeL_std: float
     rougeL_per_seed: dict[str, float]
+    rougeL_per_record: dict[str, list[float]]
     nll: float
     ppl: float
+    nll_per_record: list[float | None]
     wall_s: float
 
 
@@ -235,6 +259,7 @@ class ModelResult:
     load_s: float
     files: list[FileResult]
     trajectory: list[dict] | None = None   # per key-layer pair: dsa, cka (with --cache)
+    paired: dict | None = None             # against the baseline (`paired.paired_comparison`); None for it
 
     def average(self) -> dict:
         """Figures averaged over files: ROUGE-L per seed averaged over files, then mean and population std
@@ -260,7 +285,8 @@ class EvalReport:
             "mta_version": __version__,
             "settings": self.settings,
             "models": [{"model": m.model, "load_s": m.load_s, "files": [asdict(f) for f in m.files],
-                        "average": m.average(), "trajectory": m.trajectory} for m in self.models],
+                        "average": m.average(), "trajectory": m.trajectory, "paired": m.paired}
+                       for m in self.models],
         }
 
     def write_generations(self, path: str | Path) -> None:
@@ -277,25 +303,46 @@ def _file_labels(files: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else f for n, f in zip(names, files)]
 
 
+PAIRED_COLUMNS = (("ΔROUGE-L [95% CI]", "rougeL", 2), ("ΔNLL/prompt [95% CI]", "nll", 3))
+
+
 def render_table(report: EvalReport) -> Table:
     """One row per model; a "mean ± std" ROUGE-L cell per data file, their average, and NLL / ppl averaged
-    over files."""
+    over files. With a baseline, a column per paired figure (averaged over files): difference [95% CI]."""
     s = report.settings
     decoding = ("greedy" if s["greedy"] else
                 f"T={s['temperature']:g}, top-p={s['top_p']:g}, seeds {','.join(map(str, s['seeds']))}")
-    table = Table(title=f"ROUGE-L F x100 ({decoding}; mean ± std over seeds)")
+    caption = None
+    if s["baseline"] is not None:
+        caption = (f"Δ: model - {s['baseline']}, mean paired difference averaged over files; 95% percentile "
+                   f"bootstrap over prompts (a prompt's seeds kept together), {s['bootstrap_samples']} resamples, "
+                   f"seed {s['bootstrap_seed']}. NLL/prompt: each prompt's mean token NLL, prompts weighted equally")
+    table = Table(title=f"ROUGE-L F x100 ({decoding}; mean ± std over seeds)", caption=caption)
     table.add_column("model", overflow="fold")
     files = [f.file for f in report.models[0].files] if report.models else []
     for label in _file_labels(files):
         table.add_column(label, justify="right")
     for name in ("avg", "NLL", "ppl"):
         table.add_column(name, justify="right")
+    paired_columns = PAIRED_COLUMNS if s["baseline"] is not None else ()
+    for header, _, _ in paired_columns:
+        table.add_column(header, justify="right")
     for m in report.models:
         avg = m.average()
         cells = [f"{f.rougeL_mean:.2f} ± {f.rougeL_std:.2f}" for f in m.files]
+        deltas = [_paired_cell(m.paired, name, digits) for _, name, digits in paired_columns]
         table.add_row(m.model, *cells, f"{avg['rougeL_mean']:.2f} ± {avg['rougeL_std']:.2f}",
-                      f"{avg['nll']:.3f}", f"{avg['ppl']:.2f}")
+                      f"{avg['nll']:.3f}", f"{avg['ppl']:.2f}", *deltas)
     return table
+
+
+def _paired_cell(paired: dict | None, name: str, digits: int) -> str:
+    """"+0.27 [-0.10, +0.65]" from the averaged paired figures; "baseline" for the baseline's own row."""
+    if paired is None:
+        return "baseline"
+    average = paired["average"]
+    lo, hi = average[f"{name}_ci95"]
+    return f"{average[f'{name}_delta']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -313,13 +360,29 @@ def render_trajectory(report: EvalReport) -> Table:
     return table
 
 
-def _check_inputs(models: list[str], data_files: list[str], seeds: Sequence[int], greedy: bool) -> None:
+def with_baseline(models: list[str], baseline: str) -> tuple[list[str], int]:
+    """The models to evaluate and the baseline's index among them: the first --model that names the same model
+    (folder, file or hub name, however spelled), else the baseline is added in front."""
+    where = ModelSource.parse(baseline).location
+    for index, spec in enumerate(models):
+        if ModelSource.parse(spec).location == where:
+            return list(models), index
+    return [baseline, *models], 0
+
+
+def _check_inputs(models: list[str], data_files: list[str], seeds: Sequence[int], greedy: bool,
+                  baseline: str | None) -> None:
     if not models:
         raise EvalError("no model given: pass at least one --model")
     if not data_files:
         raise EvalError("no data file given: pass at least one --data")
     for spec in models:
         ModelSource.parse(spec)  # raises for a missing .gguf file
+    if baseline is not None:
+        if len(models) < 2:
+            raise EvalError(f"--baseline {baseline}: nothing to compare with it; pass at least one other --model")
+        if len(set(data_files)) != len(data_files):
+            raise EvalError("--baseline compares per data file: give each --data file once")
     if not greedy:
         if not seeds:
             raise EvalError("no seeds given: pass --seeds 10,20,... or use --greedy")
@@ -331,7 +394,8 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 8,
              max_records: int | None = None, max_length: int = 512, max_prompt_length: int = 256,
              device: str = "auto", dtype: str = "fp32", progress=None, cache: str | None = None,
-             cache_samples: int = 64, skip_invalid: bool = False) -> EvalReport:
+             cache_samples: int = 64, skip_invalid: bool = False, baseline: str | None = None,
+             bootstrap_samples: int = 10_000, bootstrap_seed: int = 0) -> EvalReport:
     """Evaluate every model on every data file (method.md §8) and return all figures and generations.
 
     Each model is loaded once and freed before the next. Per file: one generation pass per seed (a single
@@ -341,14 +405,23 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
     With `cache`, each model also gets trajectory diagnostics (DSA, CKA per key-layer pair) against the
     teacher states of the cache's first `cache_samples` samples. `skip_invalid` skips invalid records
     instead of refusing the file.
+    With `baseline` (one of `models`, matched by location however spelled, or evaluated first when absent),
+    every other model's `paired` figures are its differences from the baseline with 95% bootstrap intervals
+    over prompts (`mta_cli.paired`: `bootstrap_samples` replicates from `bootstrap_seed`).
     """
-    _check_inputs(models, data_files, seeds, greedy)
+    bootstrap = Bootstrap(bootstrap_samples, bootstrap_seed)
+    baseline_index = None
+    if baseline is not None:
+        models, baseline_index = with_baseline(models, baseline)
+    _check_inputs(models, data_files, seeds, greedy, baseline)
     reader = CacheReader(cache) if cache else None  # a damaged cache is refused now, not after generating
     runs: list[int | None] = [None] if greedy else list(seeds)
     settings = {"greedy": greedy, "seeds": None if greedy else list(seeds), "temperature": temperature,
                 "top_p": top_p, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                 "max_records": max_records, "max_length": max_length, "max_prompt_length": max_prompt_length,
-                "device": str(resolve_device(device)), "dtype": dtype, "std": "population (ddof=0) over seeds"}
+                "device": str(resolve_device(device)), "dtype": dtype, "std": "population (ddof=0) over seeds",
+                "baseline": None if baseline is None else ModelSource.parse(models[baseline_index]).display,
+                "bootstrap_samples": bootstrap.bootstrap_samples, "bootstrap_seed": bootstrap.bootstrap_seed}
     report = EvalReport(settings=settings, models=[])
     datasets = {}  # path -> Dataset; chat files are re-rendered with each model's chat template
     for spec in models:
@@ -372,23 +445,25 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
                 advance = partial(progress.advance, task)
             t0 = time.perf_counter()
             prompts = [r.prompt for r in records]
-            per_seed: dict[str, float] = {}
+            per_record: dict[str, list[float]] = {}
             for seed in runs:
                 predictions = generate(model, tokenizer, prompts, seed=0 if seed is None else seed, greedy=greedy,
                                        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                        batch_size=batch_size, on_batch=advance)
                 scores = [rouge_l(p, r.responses) for p, r in zip(predictions, records)]
-                per_seed[GREEDY if seed is None else str(seed)] = statistics.fmean(scores)
+                per_record[GREEDY if seed is None else str(seed)] = scores
                 report.generations += [
                     {"model": name, "file": path, "seed": seed, "line": r.line, "prompt": r.prompt,
                      "prediction": p, "references": list(r.responses), "rougeL": s}
                     for r, p, s in zip(records, predictions, scores)]
-            nll, ppl = reference_nll(model, tokenizer, records, batch_size=batch_size, max_length=max_length,
-                                     max_prompt_length=max_prompt_length, on_batch=advance)
+            nll = reference_nll(model, tokenizer, records, batch_size=batch_size, max_length=max_length,
+                                max_prompt_length=max_prompt_length, on_batch=advance)
+            per_seed = {key: statistics.fmean(scores) for key, scores in per_record.items()}
             result.files.append(FileResult(
                 file=path, sha256=dataset.sha256, n_records=len(records),
                 rougeL_mean=statistics.fmean(per_seed.values()), rougeL_std=statistics.pstdev(per_seed.values()),
-                rougeL_per_seed=per_seed, nll=nll, ppl=ppl, wall_s=time.perf_counter() - t0))
+                rougeL_per_seed=per_seed, rougeL_per_record=per_record, nll=nll.nll, ppl=nll.ppl,
+                nll_per_record=nll.per_record, wall_s=time.perf_counter() - t0))
         if reader is not None:
             result.trajectory = trajectory_diagnostics(model, tokenizer, reader, cache_samples, batch_size,
                                                        resolve_device(device))
@@ -397,4 +472,9 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if baseline_index is not None:
+        base = report.models[baseline_index]
+        for index, result in enumerate(report.models):
+            if index != baseline_index:
+                result.paired = paired_comparison(result.files, base.files, base.model, bootstrap)
     return report

@@ -92,18 +92,24 @@ def test_long_prompts_are_left_truncated(bl_tok):
 
 
 def test_reference_nll_is_the_token_mean_cross_entropy(model, bl_tok):
-    total, count = 0.0, 0
+    """The token-level mean over all records, and each record's own token mean (from the same batched pass,
+    records reordered by length inside it), against one unpadded forward per record."""
+    total, count, per_record = 0.0, 0, []
     for r in RECORDS:
         enc = bl_tok(r.text, return_offsets_mapping=True)
         ids = enc["input_ids"] + [bl_tok.eos_token_id]
         response = [i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > len(r.prompt)] + [len(ids) - 1]
         logits = model(torch.tensor([ids])).logits[0]
         targets = torch.tensor(response)
-        total += F.cross_entropy(logits[targets - 1], torch.tensor(ids)[targets], reduction="sum").item()
+        record_total = F.cross_entropy(logits[targets - 1], torch.tensor(ids)[targets], reduction="sum").item()
+        per_record.append(record_total / len(response))
+        total += record_total
         count += len(response)
-    nll, ppl = reference_nll(model, bl_tok, RECORDS, batch_size=2)
-    assert nll == pytest.approx(total / count, rel=1e-5)
-    assert ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+    result = reference_nll(model, bl_tok, RECORDS, batch_size=2)
+    assert result.nll == pytest.approx(total / count, rel=1e-5)
+    assert result.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert result.per_record == pytest.approx(per_record, rel=1e-5)
+    assert len(set(len(r.responses[0]) for r in RECORDS)) == len(RECORDS)  # lengths differ: the order is tested
 
 
 def test_evaluate_greedy_reports_one_pass(model_dirs, data_files):
@@ -163,7 +169,8 @@ def test_average_over_files_is_the_population_std_of_the_per_seed_means():
     """ModelResult.average: ROUGE-L per seed averaged over files, then mean and population std (ddof=0) over
     seeds; NLL the mean over files and ppl its exp. Checked with numpy on values where ddof 0 and 1 differ."""
     files = [FileResult(file=f"f{i}.jsonl", sha256="-", n_records=3, rougeL_mean=0.0, rougeL_std=0.0,
-                        rougeL_per_seed=dict(zip(("10", "20", "30"), scores)), nll=nll, ppl=math.exp(nll), wall_s=1.0)
+                        rougeL_per_seed=dict(zip(("10", "20", "30"), scores)), rougeL_per_record={}, nll=nll,
+                        ppl=math.exp(nll), nll_per_record=[], wall_s=1.0)
              for i, (scores, nll) in enumerate([((10.0, 14.0, 30.0), 2.0), ((20.0, 8.0, 12.0), 3.5)])]
     average = ModelResult(model="m", load_s=0.0, files=files).average()
     per_seed = np.mean([[10.0, 14.0, 30.0], [20.0, 8.0, 12.0]], axis=0)

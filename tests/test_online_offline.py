@@ -9,9 +9,9 @@ What is proven, and with which tolerance:
 - fp32 cache: the offline and online `Batch` are bitwise identical (ids, mask, labels, every
   teacher layer, spans), so every loss of `LOSSES`, and `--mta` (DSA + Hid, DSA only, Hid only),
   gives the SAME loss components and the SAME gradients of every student and projector parameter
-  (tolerance 0: torch.equal). The real iterators (`CacheBatches` vs `OnlineBatches`, batch size 1)
-  yield identical batches too; the teacher run on a padded batch (what `OnlineBatches` does with
-  batch_size > 1) agrees within atol 1e-5 on the states and rtol 1e-4 on the losses;
+  (tolerance 0: torch.equal). The real iterators (`CacheBatches` vs `DataBatches` with a live teacher,
+  batch size 1) yield identical batches too; the teacher run on a padded batch (what `DataBatches` does
+  with batch_size > 1) agrees within atol 1e-5 on the states and rtol 1e-4 on the losses;
 - bf16 cache: every loss component within rtol 2e-3 / atol 1e-6 (measured: <= 2e-4 relative on this
   teacher), gradients with cosine similarity > 0.99 per parameter tensor; every teacher-dependent term
   (kd, dsa, hid) is NOT bitwise equal to the live one (the rounding is visible: the comparison can fail);
@@ -36,7 +36,7 @@ from mta_cli.segment import Segmenter
 from mta_cli.student import prune_layers
 from mta_cli.training.batches import Batch, CacheBatches, collate
 from mta_cli.training.objective import Objective, ObjectiveConfig
-from mta_cli.training.online import OnlineBatches, live_samples
+from mta_cli.training.data import DataBatches, LiveTeacher, live_samples
 from mta_cli.training.trainer import Source, TrainConfig
 from tests import tiny
 from tests.test_training_arithmetic import independent_losses
@@ -90,9 +90,9 @@ def segmenter():
 
 
 @pytest.fixture(scope="module")
-def online(teacher, tokenizer, data_file, segmenter) -> OnlineBatches:
-    return OnlineBatches(teacher, tokenizer, str(data_file), 1, LAYERS, 0, CPU, MAX_LENGTH, MAX_PROMPT,
-                         segmenter=segmenter)
+def online(teacher, tokenizer, data_file, segmenter) -> DataBatches:
+    return DataBatches(tokenizer, str(data_file), 1, 0, MAX_LENGTH, MAX_PROMPT,
+                       LiveTeacher(teacher, LAYERS, CPU, segmenter))
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def offline_batch(reader: CacheReader, indices: list[int], pad_id: int) -> Batch
     return collate([reader[i] for i in indices], pad_id)
 
 
-def online_batch(teacher, online: OnlineBatches, segmenter, indices: list[int]) -> Batch:
+def online_batch(teacher, online: DataBatches, segmenter, indices: list[int]) -> Batch:
     """Teacher and spaCy run now, one sample per forward (as the batch_size=1 cache was made)."""
     samples = [live_samples(teacher, [online.samples[i]], [i], segmenter, LAYERS, online.pad_id, CPU)[0]
                for i in indices]
@@ -176,7 +176,7 @@ def test_cache_and_online_iterators_yield_the_same_batches(readers, online):
 
 
 def test_padded_live_teacher_batch_is_close(readers, teacher, online, segmenter, heads, student):
-    """`OnlineBatches` with batch_size > 1 runs the teacher on a padded batch: equal up to float noise."""
+    """`DataBatches` with batch_size > 1 runs the teacher on a padded batch: equal up to float noise."""
     offline = offline_batch(readers["fp32"], INDICES, online.pad_id)
     samples = live_samples(teacher, [online.samples[i] for i in INDICES], INDICES, segmenter, LAYERS,
                            online.pad_id, CPU)

@@ -62,6 +62,11 @@ class ObjectiveConfig:
             raise ValueError("--no-dsa and --no-hid together leave MTA with nothing to add; drop --mta instead")
 
     @property
+    def uses_teacher(self) -> bool:
+        """The objective reads the teacher (its logits or its states): everything but SFT without MTA."""
+        return self.loss != "sft" or self.mta
+
+    @property
     def uses_key_layers(self) -> bool:
         """MTA and FDD both follow the key-layer schedule."""
         return self.mta or self.loss == "fdd"
@@ -88,11 +93,14 @@ class Objective(nn.Module):
     present when used).
     """
 
-    def __init__(self, config: ObjectiveConfig, teacher_head: LogitHead, teacher_last_layer: int,
-                 student_dim: int, teacher_dim: int, teacher_norm: FinalNorm | None = None):
+    def __init__(self, config: ObjectiveConfig, teacher_head: LogitHead | None, teacher_last_layer: int | None,
+                 student_dim: int, teacher_dim: int | None, teacher_norm: FinalNorm | None = None,
+                 vocab_size: int | None = None):
+        """`teacher_head` etc. are None when the objective reads no teacher (SFT on --data alone); `vocab_size`
+        is the student's vocabulary, which the chunks of its logits cut (default: the teacher head's)."""
         super().__init__()
         self.config = config
-        self.chunk_size = config.chunk_size or auto_chunk_size(teacher_head.weight.shape[0])
+        self.chunk_size = config.chunk_size or auto_chunk_size(vocab_size or teacher_head.weight.shape[0])
         self.teacher_head = teacher_head
         self.teacher_norm = teacher_norm
         self.teacher_last_layer = teacher_last_layer

@@ -1,7 +1,8 @@
-"""Where training gets its teacher from: a cache (offline) or a live teacher (online), and the key-layer
-schedule that fits it.
+"""Where training gets its data and teacher from, and the key-layer schedule that fits it.
 
-Offline, the teacher model itself is needed only to initialise a pruned student or to lend its tokenizer.
+Three kinds of source (`source_kind`): a cache (offline), a JSONL file with a live teacher run every step
+(the online baseline), or a JSONL file alone (SFT, no teacher forward and no spaCy). Offline, and on a file
+alone, the teacher model itself is needed only to initialise a pruned student or to lend its tokenizer.
 The cache stores the teacher's absolute path and its weights fingerprint: a moved or copied cache finds it
 by `--teacher PATH`, and a different model at that path is refused instead of silently used.
 """
@@ -16,10 +17,11 @@ from mta_cli.losses import default_key_layers, pair_teacher_layers
 from mta_cli.losses.lens import final_norm
 from mta_cli.models import (ModelLoadError, ModelSource, hidden_size, load_causal_lm, load_tokenizer, n_layers,
                             tokenizer_fingerprint, weights_fingerprint)
+from mta_cli.segment import Segmenter
 from mta_cli.teacher import output_head
 from mta_cli.training.batches import CacheBatches
+from mta_cli.training.data import DataBatches, LiveTeacher
 from mta_cli.training.mixing import MixedBatches, cache_role, parse_cache_spec
-from mta_cli.training.online import OnlineBatches
 
 
 def key_layers(student_layers: list[int] | None, teacher_layers: list[int] | None, word_layers: int,
@@ -73,18 +75,59 @@ def same_teacher(readers: list[CacheReader]) -> None:
                                  "differ); a run trains against one teacher")
 
 
+def source_kind(config) -> str:
+    """"cache", "online" or "data": where a run's data and teacher come from; a ValueError that says what to
+    pass for a combination that cannot run. Checked by TrainConfig, before anything loads.
+
+    --data with an objective that reads the teacher (a KD loss, fdd, --mta) is the online baseline and needs
+    --teacher. --data with --loss sft and no --mta reads no teacher: nothing runs but the student, and
+    --teacher, when given, only initialises the pruned student (--init-from-teacher) or lends its tokenizer
+    (--student-config).
+    """
+    if config.cache:
+        if config.data:
+            raise ValueError("--data trains without a cache (alone with --loss sft, or with --teacher for the online "
+                             "baseline); offline training reads its data from --cache: give one of the two")
+        return "cache"
+    if not config.data:
+        raise ValueError("nothing to train on: give --cache (offline), or --data FILE (alone with --loss sft, or with "
+                         "--teacher for the online baseline)")
+    objective = config.objective
+    if objective.uses_teacher:
+        if not config.teacher:
+            what = "--mta" if objective.mta else f"--loss {objective.loss}"
+            raise ValueError(f"{what} learns from a teacher, and --data alone has none: pass --teacher T to run it "
+                             "live on the data (the online baseline), or train from --cache C (mta extract); only "
+                             "--loss sft without --mta trains on --data alone")
+        return "online"
+    if config.teacher and config.student:
+        raise ValueError("--teacher has nothing to do here: --loss sft without --mta runs no teacher, and --student "
+                         "is the student. Drop --teacher, or start from the teacher's pruned copy with "
+                         "--init-from-teacher --keep-layers K instead of --student (add --mta or a KD loss for the "
+                         "online baseline)")
+    if not config.teacher and not config.student:
+        if config.init_from_teacher or config.student_config:
+            flag = "--init-from-teacher" if config.init_from_teacher else "--student-config"
+            raise ValueError(f"{flag} with --data needs --teacher T: the model to prune, or whose tokenizer a "
+                             "random-init student uses (or give --student S)")
+        raise ValueError("no student: give --student S, or --teacher T --init-from-teacher --keep-layers K")
+    return "data"
+
+
 class Source:
-    """The teacher's facts (layers, sizes, head) and the batches, from a cache or from a live teacher.
+    """The teacher's facts (layers, sizes, head) and the batches: from a cache, from a live teacher, or none
+    (SFT on --data alone: no teacher facts, `head` None).
 
     `notes` collects what the user should be told (e.g. that --teacher replaced the cache's teacher path)."""
 
     def __init__(self, config, device: torch.device):
         self.config, self.device = config, device
         self.notes: list[str] = []
-        if config.cache:
-            if config.data:
-                raise ValueError("--data is for the online baseline (with --teacher and no --cache); "
-                                 "offline training reads its data from --cache")
+        self.kind = source_kind(config)
+        self.teacher_spec = config.teacher
+        self.teacher_model, self.head, self.final_norm, self.tokenizer_sha = None, None, None, None
+        self.n_teacher, self.teacher_dim, self.available = None, None, []
+        if self.kind == "cache":
             specs = [parse_cache_spec(spec) for spec in config.cache_specs]
             self.readers = [CacheReader(url) for url, _ in specs]
             same_teacher(self.readers)
@@ -103,22 +146,17 @@ class Source:
             self.tokenizer_sha = meta["config"]["tokenizer_sha256"]
             self.head = self.reader.head.to(device)
             self.final_norm = self.reader.final_norm.to(device) if self.reader.final_norm else None
-            self.teacher_model = None
-        else:
-            if not (config.teacher and config.data):
-                raise ValueError("give --cache, or --teacher and --data for the online baseline")
-            self.teacher_spec = config.teacher
+        elif self.kind == "online":
             self.teacher_model = load_causal_lm(config.teacher, "fp32", str(device), config.trust_remote_code)
             self.n_teacher = n_layers(self.teacher_model)
             self.teacher_dim = hidden_size(self.teacher_model)
             self.available = list(range(self.n_teacher + 1))
             self.head = output_head(self.teacher_model)
             self.final_norm = final_norm(self.teacher_model)
-            self.tokenizer_sha = None
 
     @property
     def cached(self) -> bool:
-        return self.teacher_model is None
+        return self.kind == "cache"
 
     def teacher_location(self) -> str:
         """The teacher model's spec for loading, checked to exist; a message that says how to point at it."""
@@ -157,6 +195,10 @@ class Source:
                                  "extracted")
         return tokenizer
 
+    def layers(self, teacher_layers: list[int]) -> list[int]:
+        """The teacher layers a batch carries: `teacher_layers` and the last (the logits); none without a teacher."""
+        return sorted({self.n_teacher} | set(teacher_layers)) if self.kind != "data" else []
+
     def batches(self, tokenizer, layers: list[int], own_tokenizer: bool):
         c = self.config
         if self.cached:
@@ -165,5 +207,9 @@ class Source:
                                     student_tokenizer=tokenizer if own_tokenizer else None)
                        for i, reader in enumerate(self.readers)]
             return MixedBatches(loaders, self.weights, [cache_role(r) for r in self.readers])
-        return OnlineBatches(self.teacher_model, tokenizer, c.data, c.batch_size, layers, c.seed, self.device,
-                             c.max_length, c.max_prompt_length)
+        teacher = LiveTeacher(self.teacher_model, layers, self.device, Segmenter()) if self.kind == "online" else None
+        batches = DataBatches(tokenizer, c.data, c.batch_size, c.seed, c.max_length, c.max_prompt_length, teacher)
+        if batches.dropped:
+            self.notes.append(f"{c.data}: {batches.dropped} record(s) dropped, no response token left within "
+                              f"--max-length {c.max_length} / --max-prompt-length {c.max_prompt_length}")
+        return batches

@@ -1,4 +1,4 @@
-"""`mta train`: the training loop, offline from a cache or online with a live teacher.
+"""`mta train`: the training loop, offline from a cache, online with a live teacher, or on data alone (SFT).
 
 AdamW (student and projectors with their own learning rates), linear warmup then cosine decay,
 gradient clipping and accumulation, bf16 autocast and gradient checkpointing on CUDA, safetensors
@@ -23,12 +23,12 @@ from mta_cli.options import check_choice, check_number
 from mta_cli.student import build_student
 from mta_cli.training.batches import CacheBatches
 from mta_cli.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mta_cli.training.data import DataBatches
 from mta_cli.training.mixing import MixedBatches, StudentDataSchedule
 from mta_cli.training.objective import Objective, ObjectiveConfig
-from mta_cli.training.online import OnlineBatches
 from mta_cli.training.recipes import recipe
 from mta_cli.training.run_folder import check_run_folder, holds_run, run_config, start_over, write_run_config
-from mta_cli.training.source import Source, key_layers, same_teacher
+from mta_cli.training.source import Source, key_layers, same_teacher, source_kind
 
 
 class TrainingDiverged(ValueError):
@@ -41,8 +41,8 @@ class TrainConfig:
 
     out: str
     cache: str | list[str] | None = None    # one cache, or several as "PATH" / "PATH:WEIGHT" (equal shares by default)
-    teacher: str | None = None          # online baseline: live teacher ...
-    data: str | None = None             # ... on this JSONL file
+    teacher: str | None = None          # online baseline: live teacher ... (with sft alone: init / tokenizer only)
+    data: str | None = None             # ... on this JSONL file (see `source.source_kind`)
     student: str | None = None
     init_from_teacher: bool = False
     keep_layers: int | None = None
@@ -119,6 +119,7 @@ class TrainConfig:
             if given:
                 raise ValueError(f"{', '.join(given)} choose the key layers of MTA and FDD; add --mta (or use --loss "
                                  "fdd), or drop them")
+        source_kind(self)
 
 
 @dataclass
@@ -151,7 +152,7 @@ class Run:
     student: torch.nn.Module
     tokenizer: object
     objective: Objective
-    batches: MixedBatches | OnlineBatches
+    batches: MixedBatches | DataBatches
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
@@ -168,8 +169,9 @@ def prepare(config: TrainConfig, device: torch.device,
             report: Callable[[str, dict], None] = lambda event, info: None) -> Run:
     """Build student, objective, batches, optimizer and schedule; restore the last checkpoint on --resume."""
     torch.manual_seed(config.seed)
-    report("status", {"message": f"checking the cache {config.cache}" if config.cache else
-                      f"loading the teacher {config.teacher}"})
+    report("status", {"message": {"cache": f"checking the cache {config.cache}",
+                                  "online": f"loading the teacher {config.teacher}",
+                                  "data": f"reading {config.data}"}[source_kind(config)]})
     source = Source(config, device)
     if config.objective.topk and (not source.cached or not source.reader.meta["config"]["top_k"]):
         raise ValueError("--topk trains from the sparse teacher log-probs of a cache extracted with --top-k K; "
@@ -194,9 +196,9 @@ def prepare(config: TrainConfig, device: torch.device,
         objective_config.key_layers, origin = key_layers(
             config.student_layers, config.teacher_layers, config.word_layers, n_layers(student), source.n_teacher,
             source.available, source.cached)
-    layers = sorted({source.n_teacher} | set(objective_config.teacher_layers))
-    objective = Objective(objective_config, source.head, source.n_teacher, hidden_size(student),
-                          source.teacher_dim, source.final_norm).to(device)
+    layers = source.layers(objective_config.teacher_layers)
+    objective = Objective(objective_config, source.head, source.n_teacher, hidden_size(student), source.teacher_dim,
+                          source.final_norm, student.get_output_embeddings().weight.shape[0]).to(device)
     batches = source.batches(tokenizer, layers, own_tokenizer)
     total_steps = plan_steps(config, batches.batches_per_epoch())
     optimizer = torch.optim.AdamW([
