@@ -13,7 +13,7 @@ demo: setup
 # Benchmarks (real teacher, ../shared/data/dolly); each prints a markdown table and writes
 # benchmarks/results/<name>.json. `make bench` runs all five.
 BENCH = .venv/bin/python -m benchmarks
-.PHONY: bench bench-extract bench-footprint bench-train bench-loader bench-e2e
+.PHONY: bench bench-extract bench-footprint bench-train bench-loader bench-e2e bench-bases
 
 bench: bench-extract bench-footprint bench-train bench-loader bench-e2e
 
@@ -31,3 +31,8 @@ bench-loader: setup
 
 bench-e2e: setup
 	$(BENCH).end_to_end
+
+# Not part of `make bench` (about 20 minutes): one round of FDD, DistiLLM and DistiLLM-2, each with and
+# without MTA, beside srkl.
+bench-bases: setup
+	$(BENCH).bases_round
