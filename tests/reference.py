@@ -144,3 +144,23 @@ def base_losses(student_logits: np.ndarray, teacher_logits: np.ndarray | None, l
         return {"loss": ce, "ce": ce}
     kd = float(divergence(softmax(student_logits / temperature), softmax(teacher_logits / temperature)).mean())
     return {"loss": (1 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
+
+
+def response_nll(model, tok, records) -> float:
+    """Token-mean NLL (float64) of each record's first reference plus the appended EOS, given its prompt, from
+    the model's own full logits; response tokens found from the tokenizer's offsets (those ending past the
+    prompt)."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    for r in records:
+        enc = tok(r.text, return_offsets_mapping=True)
+        ids = enc["input_ids"] + [tok.eos_token_id]
+        response = [i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > len(r.prompt)] + [len(ids) - 1]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].double()
+        targets = torch.tensor(response)
+        total += F.cross_entropy(logits[targets - 1], torch.tensor(ids)[targets], reduction="sum").item()
+        count += len(response)
+    return total / count

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from mta_cli.cli_eval import eval_command
 from mta_cli.evaluation import FileResult, ModelResult, evaluate, generate, reference_nll, render_table, rouge_l
 from mta_cli.records import Record, load_records
-from tests import tiny
+from tests import reference, tiny
 
 PROMPTS = [
     "### Instruction:\nName three primary colors.\n\n### Response:\n",
@@ -182,21 +182,6 @@ def test_average_over_files_is_the_population_std_of_the_per_seed_means():
     assert average["wall_s"] == 2.0
 
 
-def hand_nll(model, tok, records) -> float:
-    """Token-mean NLL of the first reference (plus EOS) given the prompt, from the model's own logits."""
-    total, count = 0.0, 0
-    for r in records:
-        enc = tok(r.text, return_offsets_mapping=True)
-        ids = enc["input_ids"] + [tok.eos_token_id]
-        response = [i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > len(r.prompt)] + [len(ids) - 1]
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0].double()
-        targets = torch.tensor(response)
-        total += F.cross_entropy(logits[targets - 1], torch.tensor(ids)[targets], reduction="sum").item()
-        count += len(response)
-    return total / count
-
-
 def test_evaluate_figures_equal_independent_computations(model_dirs, data_files, bl_tok):
     """Per file: ROUGE-L rescored here with rouge-score from the generations, its mean and population std
     over seeds, and the NLL from the model's own logits with ppl its exp; the average over files with numpy.
@@ -214,7 +199,7 @@ def test_evaluate_figures_equal_independent_computations(model_dirs, data_files,
         assert f.rougeL_per_seed == pytest.approx({"10": per_seed[0], "20": per_seed[1]}, rel=1e-12, abs=1e-12)
         assert f.rougeL_mean == pytest.approx(np.mean(per_seed), abs=1e-12)
         assert f.rougeL_std == pytest.approx(np.std(per_seed, ddof=0), abs=1e-12)
-        nll = hand_nll(model, bl_tok, load_records(f.file, tokenizer=bl_tok).records)
+        nll = reference.response_nll(model, bl_tok, load_records(f.file, tokenizer=bl_tok).records)
         assert f.nll == pytest.approx(nll, rel=1e-5) and f.ppl == pytest.approx(np.exp(nll), rel=1e-5)
     assert np.std(per_file, axis=1).max() > 0
     average = report.to_json()["models"][0]["average"]

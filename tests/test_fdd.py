@@ -19,7 +19,7 @@ from mta_cli.teacher import output_head
 from mta_cli.training.batches import collate
 from mta_cli.training.objective import Objective, ObjectiveConfig
 from mta_cli.training.source import Source
-from mta_cli.training.trainer import TrainConfig, train
+from mta_cli.training.trainer import TrainConfig
 from tests import tiny
 from tests.test_cache import cli  # noqa: F401
 from tests.test_online_offline import (CPU, INDICES, data_file, losses_and_grads, online, online_batch,  # noqa: F401

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -30,7 +29,7 @@ from mta_cli.training.data import DataBatches
 from mta_cli.training.objective import ObjectiveConfig
 from mta_cli.training.source import Source, source_kind
 from mta_cli.training.trainer import TrainConfig, train
-from tests import tiny
+from tests import reference, tiny
 from tests.test_train import assert_same_tensors, metrics, resume_scenario, run_cli
 
 RECORDS = tiny.RECORDS
@@ -64,22 +63,6 @@ def no_teacher_runs(monkeypatch) -> None:
     monkeypatch.setattr(source_module, "load_causal_lm", forbidden)
 
 
-def hand_cross_entropy(model, tok, records) -> float:
-    """Mean CE (float64) over every response token (+ the appended EOS) of `records`, response tokens found
-    from the tokenizer's offsets: those that end past the prompt."""
-    total, count = 0.0, 0
-    for r in records:
-        enc = tok(r.text, return_offsets_mapping=True)
-        ids = enc["input_ids"] + [tok.eos_token_id]
-        response = [i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > len(r.prompt)] + [len(ids) - 1]
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0].double()
-        targets = torch.tensor(response)
-        total += F.cross_entropy(logits[targets - 1], torch.tensor(ids)[targets], reduction="sum").item()
-        count += len(response)
-    return total / count
-
-
 @pytest.mark.parametrize("student_source", ["student", "init_from_teacher"])
 def test_sft_loss_is_the_independent_cross_entropy(student_source, tmp_path, data_file, tiny_teacher_dir, bl_tok,
                                                    monkeypatch):
@@ -96,7 +79,7 @@ def test_sft_loss_is_the_independent_cross_entropy(student_source, tmp_path, dat
     summary = train(sft(run, data_file, batch_size=len(RECORDS), max_steps=1, **options))
     row = metrics(run)[0]
     assert set(row) >= {"loss", "ce"} and not set(row) & {"kd", "dsa", "hid"}
-    expected = hand_cross_entropy(initial.eval(), bl_tok, load_records(str(data_file)).records)
+    expected = reference.response_nll(initial.eval(), bl_tok, load_records(str(data_file)).records)
     assert expected > 3.0  # a random model: far from 0, the comparison is not between two tiny numbers
     assert row["ce"] == pytest.approx(expected, rel=1e-5)
     assert row["loss"] == row["ce"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import numpy as np
