@@ -16,8 +16,8 @@ from mta_cli.cli_eval import eval_command
 from mta_cli.evaluation import FileResult, evaluate, with_baseline
 from mta_cli.paired import Bootstrap, paired_comparison
 from mta_cli.records import load_records
-from tests import tiny
-from tests.test_eval import data_files, hand_nll, model_dirs  # noqa: F401 - fixtures
+from tests import reference, tiny
+from tests.test_eval import data_files, model_dirs  # noqa: F401 - fixtures
 
 SEEDS = ("10", "20")
 # Hand-built per-prompt figures: file a has 5 prompts, file b 3; ROUGE-L per seed, NLL per prompt.
@@ -199,7 +199,7 @@ def test_eval_json_schema_and_per_record_figures(tmp_path, model_dirs, data_file
     model = tiny.tiny_llama(bl_tok, seed=2)  # model_dirs[1]
     first = other["files"][0]
     records = load_records(first["file"], tokenizer=bl_tok).records
-    assert first["nll_per_record"] == pytest.approx([hand_nll(model, bl_tok, [r]) for r in records], rel=1e-5)
+    assert first["nll_per_record"] == pytest.approx([reference.response_nll(model, bl_tok, [r]) for r in records], rel=1e-5)
 
     # the paired figures recomputed from the per-record figures alone, with the documented bootstrap
     for m_file, b_file in zip(other["files"], base["files"]):
