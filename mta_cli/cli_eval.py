@@ -21,8 +21,8 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def eval_command(
-    model: list[str] = typer.Option(..., "--model", help="model to evaluate: HF folder, hub name or .gguf file; "
-                                                         "repeat for several"),
+    model: list[str] = typer.Option(..., "--model", help="model to evaluate: HF folder, hub name or .gguf file, "
+                                    "shown by its folder or file name, or NAME=PATH to name it; repeat for several"),
     data: list[str] = typer.Option(..., "--data", help="JSONL data file with references; repeat for several"),
     seeds: str = typer.Option(",".join(map(str, DEFAULT_SEEDS)), "--seeds",
                               help="comma-separated sampling seeds; ROUGE-L is mean ± std over them"),
