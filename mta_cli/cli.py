@@ -25,6 +25,7 @@ from mta_cli.cache import inspect as cache_inspect
 from mta_cli.cli_eval import eval_command
 from mta_cli import cli_support
 from mta_cli.cli_support import err, out, reported_errors
+from mta_cli.recipes import config_option
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Distil LLMs with MTA: teacher and spaCy once into a cache (`extract`), "
@@ -112,6 +113,7 @@ def extract(
     force: bool = typer.Option(False, "--force", help="replace whatever is at --out (a non-cache folder, or a "
                                                       "cache made with another configuration)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    recipes: list[Path] = config_option(),
 ) -> None:
     """Run the teacher and spaCy once over a JSONL file; store key-layer states, head and spans in a Zarr cache.
 
@@ -236,6 +238,7 @@ def train(
     max_length: int = typer.Option(512, "--max-length", min=2, help="online baseline: tokens per sample"),
     max_prompt_length: int = typer.Option(256, "--max-prompt-length", min=1, help="online baseline: prompt tokens"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    recipes: list[Path] = config_option(),
 ) -> None:
     """Train a student offline from a cache (or online with --teacher --data, the baseline).
 
