@@ -237,6 +237,10 @@ def train(
     device: str = typer.Option("auto", "--device"),
     max_length: int = typer.Option(512, "--max-length", min=2, help="online baseline: tokens per sample"),
     max_prompt_length: int = typer.Option(256, "--max-prompt-length", min=1, help="online baseline: prompt tokens"),
+    report_to: list[str] = typer.Option(None, "--report-to", help="also log every step's metrics (each loss "
+                                        "component, lr, tokens/s) to tensorboard (event files in RUN/tensorboard/) "
+                                        "or wandb; repeat for both; each needs its package (pip install "
+                                        "'mta-cli[tensorboard]')"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     recipes: list[Path] = config_option(),
 ) -> None:
@@ -262,7 +266,7 @@ def train(
             projector_lr=projector_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             max_grad_norm=max_grad_norm, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume, device=device,
-            max_length=max_length, max_prompt_length=max_prompt_length,
+            max_length=max_length, max_prompt_length=max_prompt_length, report_to=list(report_to or []),
         )
         with TrainProgress() as on_event:
             summary = run_train(config, progress=on_event)

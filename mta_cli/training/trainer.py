@@ -2,7 +2,8 @@
 
 AdamW (student and projectors with their own learning rates), linear warmup then cosine decay,
 gradient clipping and accumulation, bf16 autocast and gradient checkpointing on CUDA, safetensors
-checkpoints every N steps with exact resume, metrics as JSONL, the student saved in HF format.
+checkpoints every N steps with exact resume, metrics as JSONL (and to TensorBoard or W&B with
+`report_to`), the student saved in HF format.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mta_cli.options import check_number
 from mta_cli.student import build_student
 from mta_cli.training.batches import CacheBatches
 from mta_cli.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mta_cli.training.loggers import MetricsLoggers, check_reporters
 from mta_cli.training.objective import Objective, ObjectiveConfig
 from mta_cli.training.online import OnlineBatches
 from mta_cli.training.run_folder import check_run_folder, holds_run, run_config, start_over, write_run_config
@@ -64,8 +66,10 @@ class TrainConfig:
     max_length: int = 512
     max_prompt_length: int = 256
     trust_remote_code: bool = False
+    report_to: list[str] = field(default_factory=list)  # also log metrics to: tensorboard, wandb
 
     def __post_init__(self) -> None:
+        check_reporters(self.report_to)
         check_number(self, "lr", 0)
         check_number(self, "projector_lr", 0)
         check_number(self, "weight_decay", 0)
@@ -228,7 +232,8 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
     train_seconds, train_tokens = 0.0, 0
     parameters = list(student.parameters()) + list(objective.parameters())
     epochs = range(run.position["epoch"], 10**9 if config.max_steps else config.epochs)
-    with (out / "metrics.jsonl").open("a") as metrics:
+    with (out / "metrics.jsonl").open("a") as metrics, \
+            MetricsLoggers(config.report_to, out, run_config(config), first_step=step + 1) as loggers:
         step_started = time.perf_counter()
         for epoch in epochs:
             if step >= run.total_steps:
@@ -257,6 +262,7 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
                         "step_seconds": seconds, "tokens_per_second": step_tokens / seconds}
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
+                loggers.log(last)
                 report("step", last)
                 step_tokens, step_losses = 0, {}
                 if config.checkpoint_every and (step % config.checkpoint_every == 0 or step >= run.total_steps):
