@@ -23,16 +23,19 @@ from rich.table import Table
 from mta_cli import __version__
 from mta_cli.cache import inspect as cache_inspect
 from mta_cli.cli_eval import eval_command
+from mta_cli.cli_report import report_command
 from mta_cli import cli_support
 from mta_cli.cli_support import err, out, reported_errors
 from mta_cli.recipes import config_option
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Distil LLMs with MTA: teacher and spaCy once into a cache (`extract`), "
-                       "students offline from it (`train`), side-by-side evaluation (`eval`).")
+                       "students offline from it (`train`), side-by-side evaluation (`eval`), pictures of it "
+                       "all (`report`).")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check an extraction cache.")
 app.add_typer(cache_app, name="cache")
 app.command("eval")(eval_command)
+app.command("report")(report_command)
 
 def print_figures(figures: dict, as_json: bool, title: str) -> None:
     """Figures as JSON (for pipelines) or as a two-column table."""
@@ -377,14 +380,28 @@ def cache_verify(path: str = typer.Argument(..., help="cache directory or URL"),
 
 @cache_app.command("show")
 def cache_show(path: str = typer.Argument(..., help="cache directory or URL"),
-               sample: int = typer.Option(0, "--sample", min=0, help="sample index")) -> None:
+               sample: int = typer.Option(0, "--sample", min=0, help="sample index"),
+               html: Path | None = typer.Option(None, "--html", help="write the sample as a self-contained HTML "
+                                                "page, its tokens shaded by importance weight"),
+               layer: int | None = typer.Option(None, "--layer", help="with --html: the teacher layer whose "
+                                                "importance weights shade the tokens [default: the lowest cached "
+                                                "layer]")) -> None:
     """Print one sample's text with noun phrases (blue), verb phrases (green) and words (underlined).
 
-    Example: `mta cache show cache.zarr --sample 3`
+    With --html, write it as a page instead: phrases underlined in colour, words boxed, the prompt grey, and
+    every teacher token shaded by its importance weight at --layer. Examples:
+    `mta cache show cache.zarr --sample 3`, `mta cache show cache.zarr --sample 3 --html sample.html --layer 22`
     """
     with reported_errors((IndexError,)):
-        text = cache_inspect.show(path, sample)
-    out.print(text)
+        if html is None:
+            out.print(cache_inspect.show(path, sample))
+            return
+        from mta_cli.outputs import check_file
+        from mta_cli.report import write_report
+
+        check_file(html, "--html")
+        write_report([path], html=html, sample=sample, layer=layer, title=f"mta cache show: sample {sample}")
+    out.print(str(html), markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:
