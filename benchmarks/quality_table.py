@@ -29,7 +29,7 @@ def main() -> None:
     for model in figures["models"]:
         avg, trajectory = model["average"], model.get("trajectory") or []
         per_seed = avg["rougeL_per_seed"]
-        rows.append([label(model["model"]), avg["rougeL_mean"], avg["rougeL_std"],
+        rows.append([model.get("name") or label(model["model"]), avg["rougeL_mean"], avg["rougeL_std"],
                      max(per_seed.values()) - min(per_seed.values()), avg["nll"],
                      " / ".join(f"{r['dsa']:.3f}" for r in trajectory),
                      " / ".join(f"{r['cka']:.2f}" for r in trajectory)])

@@ -7,45 +7,50 @@
 # One extraction of the SmolLM2-135M-Instruct teacher over Dolly train records; six students from
 # that cache with the same budget and seed (sft, fkl, srkl, srkl + MTA, srkl + DSA only, srkl + Hid
 # only); evaluation of the teacher, the untrained pruned student and every trained student on held-out
-# Dolly dev records over several sampling seeds. The table goes to benchmarks/results/quality.{md,json}.
+# Dolly dev records over several sampling seeds. The settings are recipes: examples/recipes/quality-<scale>.toml
+# (extract, train budget, eval) and one recipe per variant. The table goes to
+# benchmarks/results/quality_<scale>.{md,json}, the pictures to <work>/report.html.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SCALE=cpu
 if [ "${1:-}" = "--scale" ]; then SCALE=${2:?--scale takes cpu or gpu}; fi
 case "$SCALE" in
-  cpu) TRAIN=400 EVAL=50 KEEP=8 EPOCHS=2 SEEDS=10,20 NEW_TOKENS=96 BATCH=8 DEVICE=cpu ;;
-  gpu) TRAIN=2600 EVAL=500 KEEP=12 EPOCHS=3 SEEDS=10,20,30,40,50 NEW_TOKENS=256 BATCH=16 DEVICE=cuda ;;
+  cpu) TRAIN=400 EVAL=50 ;;
+  gpu) TRAIN=2600 EVAL=500 ;;
   *) echo "--scale must be cpu or gpu, got $SCALE" >&2; exit 2 ;;
 esac
 DATA=${MTA_DOLLY:-../shared/data/dolly}
 WORK=${MTA_STUDY_DIR:-study-$SCALE}
-LR=${MTA_STUDY_LR:-2e-4}
+RECIPES=examples/recipes
+STUDY=$RECIPES/quality-$SCALE.toml
+LR=(${MTA_STUDY_LR:+--lr "$MTA_STUDY_LR"})  # overrides the recipe's learning rate when set
 
 bash scripts/setup.sh
 MTA=.venv/bin/mta
+KEEP=$(.venv/bin/python -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["train"]["keep-layers"])' "$STUDY")
 mkdir -p "$WORK/students"
 TEACHER=$(bash scripts/fetch_teacher.sh "$WORK/models")
 head -n "$TRAIN" "$DATA/train.jsonl" > "$WORK/train.jsonl"
 head -n "$EVAL" "$DATA/dev.jsonl" > "$WORK/dev.jsonl"
 
-$MTA extract --teacher "$TEACHER" --data "$WORK/train.jsonl" --out "$WORK/cache.zarr" \
-    --max-length 256 --max-prompt-length 128 --device "$DEVICE"
+$MTA extract --config "$STUDY" --teacher "$TEACHER" --data "$WORK/train.jsonl" --out "$WORK/cache.zarr"
 [ -f "$WORK/students/pruned/config.json" ] || $MTA prune --teacher "$TEACHER" --keep-layers "$KEEP" --out "$WORK/students/pruned"
 
-VARIANTS=("sft:--loss sft" "fkl:--loss fkl" "srkl:--loss srkl" "srkl+mta:--loss srkl --mta"
-          "srkl+dsa:--loss srkl --mta --no-hid" "srkl+hid:--loss srkl --mta --no-dsa")
-MODELS=(--model "$TEACHER" --model "$WORK/students/pruned")
+VARIANTS=("sft:sft" "fkl:fkl" "srkl:srkl" "srkl+mta:srkl-mta" "srkl+dsa:srkl-dsa" "srkl+hid:srkl-hid")  # name:recipe
+MODELS=(--model "teacher=$TEACHER" --model "pruned=$WORK/students/pruned")
+RUNS=()
 for variant in "${VARIANTS[@]}"; do
   name=${variant%%:*}
-  # shellcheck disable=SC2086 # the flags are meant to split
-  $MTA train --cache "$WORK/cache.zarr" --init-from-teacher --keep-layers "$KEEP" ${variant#*:} \
-      --epochs "$EPOCHS" --batch-size "$BATCH" --lr "$LR" --seed 0 --device "$DEVICE" \
-      --checkpoint-every 50 --resume --out "$WORK/students/$name" > /dev/null
-  MODELS+=(--model "$WORK/students/$name")
+  $MTA train --config "$STUDY" --config "$RECIPES/${variant#*:}.toml" "${LR[@]}" --cache "$WORK/cache.zarr" \
+      --out "$WORK/students/$name" > /dev/null
+  MODELS+=(--model "$name=$WORK/students/$name")
+  RUNS+=("$WORK/students/$name")
 done
 
-$MTA eval "${MODELS[@]}" --data "$WORK/dev.jsonl" --seeds "$SEEDS" --max-new-tokens "$NEW_TOKENS" \
-    --batch-size "$BATCH" --device "$DEVICE" --cache "$WORK/cache.zarr" --json "$WORK/eval.json"
+$MTA eval --config "$STUDY" "${MODELS[@]}" --data "$WORK/dev.jsonl" --cache "$WORK/cache.zarr" --json "$WORK/eval.json"
 .venv/bin/python -m benchmarks.quality_table "$WORK/eval.json" --scale "$SCALE" \
-    --settings "train=$TRAIN eval=$EVAL keep_layers=$KEEP epochs=$EPOCHS seeds=$SEEDS new_tokens=$NEW_TOKENS lr=$LR"
+    --settings "train=$TRAIN eval=$EVAL recipe=$STUDY${MTA_STUDY_LR:+ lr=$MTA_STUDY_LR}"
+$MTA report "${RUNS[@]}" "$WORK/eval.json" "$WORK/cache.zarr" --title "Quality study ($SCALE)" \
+    --out "$WORK/report.html" > /dev/null
+echo "report: $WORK/report.html" >&2
