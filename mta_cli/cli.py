@@ -34,8 +34,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                        "all (`report`).")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check an extraction cache.")
 app.add_typer(cache_app, name="cache")
-app.command("eval")(eval_command)
-app.command("report")(report_command)
+LOSS_COMPONENTS = ("loss", "ce", "kd", "dsa", "hid")  # as logged in metrics.jsonl, when present
 
 def print_figures(figures: dict, as_json: bool, title: str) -> None:
     """Figures as JSON (for pipelines) or as a two-column table."""
@@ -44,14 +43,18 @@ def print_figures(figures: dict, as_json: bool, title: str) -> None:
         return
     table = Table(title=title, show_header=False)
     for key, value in figures.items():
-        table.add_row(key, format_figure(value))
+        table.add_row(key, format_figure(value, key))
     out.print(table)
 
 
-def format_figure(value) -> str:
-    """Floats with 3 decimals, or 3 significant digits when small (a learning rate): 2.50e-06, not 0.000."""
+def format_figure(value, key: str = "") -> str:
+    """Floats with 3 decimals, or 3 significant digits when small (a learning rate): 2.50e-06, not 0.000; a
+    byte count with its size in MiB or GiB as well."""
     if isinstance(value, float):
         return f"{value:.3g}" if value and abs(value) < 0.01 else f"{value:,.3f}"
+    if type(value) is int and "bytes" in key and "per_token" not in key:
+        size = f"{value / 2**30:,.2f} GiB" if value >= 2**30 else f"{value / 2**20:,.1f} MiB"
+        return f"{value:,} ({size})"
     return str(value)
 
 
@@ -276,20 +279,22 @@ def train(
     if as_json:
         out.print_json(json.dumps(asdict(summary)))
         return
-    final = {f"final {k}": v for k, v in summary.final.items() if k not in ("step", "epoch")}
-    figures = {k: v for k, v in asdict(summary).items() if k not in ("final", "key_layers", "key_layers_from")}
+    final = {f"final {k}": v for k, v in summary.final.items() if k in ("lr", *LOSS_COMPONENTS)}
+    figures = {k: v for k, v in asdict(summary).items()
+               if k not in ("final", "key_layers", "key_layers_from") and (k != "resumed_from" or v)}
     if summary.key_layers:
         figures["key layers (student, teacher, granularity)"] = ", ".join(
             f"({s}, {t}, {g})" for s, t, g in summary.key_layers) + f"  [{summary.key_layers_from}]"
-    print_figures(figures | final, False, "mta train")
+    print_figures(figures | final | {"metrics": str(out_path / "metrics.jsonl")}, False, "mta train")
 
 
 class TrainProgress:
-    """Rich progress on stderr: steps, loss, lr, tokens/s."""
+    """Rich progress on stderr: steps, loss and its components, lr, tokens/s, time left; one line that fits
+    100 columns."""
 
     def __enter__(self):
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(bar_width=12), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                                  console=err, disable=not err.is_terminal)
         self.progress.__enter__()
         self.task = None
@@ -307,13 +312,16 @@ class TrainProgress:
                     self.progress.console.print(f"key layers (student, teacher, granularity): {info['key_layers']} "
                                                 f"[{info['key_layers_from']}]", markup=False, highlight=False)
         elif event == "step":
-            parts = [f"loss {info['loss']:.4f}"] + [f"{k} {info[k]:.4f}" for k in ("ce", "kd", "dsa", "hid")
-                                                     if k in info]
-            parts += [f"lr {info['lr']:.2e}", f"{info['tokens_per_second']:,.0f} tok/s"]
+            parts = [f"{k} {info[k]:.3g}" for k in LOSS_COMPONENTS if k in info]  # fits 100 columns
+            parts += [f"lr {info['lr']:.1e}", f"{info['tokens_per_second']:,.0f} tok/s"]
             self.progress.update(self.task, completed=info["step"], info=" ".join(parts))
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
+
+
+app.command("eval")(eval_command)  # here, so that --help lists the commands in pipeline order
+app.command("report")(report_command)
 
 
 @app.command()

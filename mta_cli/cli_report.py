@@ -10,7 +10,7 @@ from mta_cli.cli_support import out, reported_errors
 
 
 def report_command(
-    inputs: list[str] = typer.Argument(..., metavar="RUN_OR_EVAL...", help="training run folders (metrics.jsonl), "
+    inputs: list[str] = typer.Argument(..., metavar="RUN_OR_EVAL", help="training run folders (metrics.jsonl), "
                                        "`mta eval --json` files and caches, in any mix"),
     html: Path | None = typer.Option(None, "--out", help="write the report as one self-contained HTML page"),
     png: Path | None = typer.Option(None, "--png", help="write every figure as a PNG file into this folder"),
