@@ -8,6 +8,7 @@ Every command is a plain function here, the CLI a thin layer on it:
                       objective=ObjectiveConfig(loss="srkl", mta=True)))
     report = evaluate(["runs/s1"], ["dev.jsonl"], seeds=(10, 20))
     generate_records(GenerateConfig(model="runs/s1", data="train.jsonl", out="gen.jsonl", seeds=[10, 20]))
+    write_report(["runs/s1", "eval.json"], html="report.html")   # eval.json: report.to_json() saved
 
 The names are imported on first use, so that `import mta_cli` (and `mta --help`) does not load torch.
 """
@@ -28,6 +29,7 @@ _EXPORTS = {
     "ObjectiveConfig": "mta_cli.training.objective",
     "TrainConfig": "mta_cli.training.trainer",
     "train": "mta_cli.training.trainer",
+    "write_report": "mta_cli.report",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

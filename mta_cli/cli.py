@@ -23,17 +23,18 @@ from mta_cli import __version__
 from mta_cli.cache import inspect as cache_inspect
 from mta_cli.cli_eval import eval_command
 from mta_cli.cli_generate import generate_command
+from mta_cli.cli_report import report_command
 from mta_cli import cli_support
 from mta_cli.cli_support import err, out, parse_ints, print_figures, reported_errors
+from mta_cli.recipes import config_option
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Distil LLMs with MTA: teacher and spaCy once into a cache (`extract`), "
                        "students offline from it (`train`), side-by-side evaluation (`eval`), a model's "
-                       "responses as new data (`generate`).")
+                       "responses as new data (`generate`), pictures of it all (`report`).")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check an extraction cache.")
 app.add_typer(cache_app, name="cache")
-app.command("eval")(eval_command)
-app.command("generate")(generate_command)
+LOSS_COMPONENTS = ("loss", "ce", "kd", "fdd_traj", "fdd_delta", "dsa", "hid")  # as in metrics.jsonl, when present
 
 
 def left_at_default(ctx: typer.Context, name: str) -> bool | None:
@@ -97,6 +98,7 @@ def extract(
     force: bool = typer.Option(False, "--force", help="replace whatever is at --out (a non-cache folder, or a "
                                                       "cache made with another configuration)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    recipes: list[Path] = config_option(),
 ) -> None:
     """Run the teacher and spaCy once over a JSONL file; store key-layer states, head and spans in a Zarr cache.
 
@@ -253,11 +255,16 @@ def train(
     eval_every: int = typer.Option(0, "--eval-every", min=0, help="adaptive student data: steps between dev losses"),
     student_data_eps: float = typer.Option(0.1, "--student-data-eps", help="adaptive student data: the dev-loss "
                                            "growth that raises the share"),
+    report_to: list[str] = typer.Option(None, "--report-to", help="also log every step's metrics (each loss "
+                                        "component, lr, tokens/s) to tensorboard (event files in RUN/tensorboard/) "
+                                        "or wandb; repeat for both; each needs its package (pip install "
+                                        "'mta-cli[tensorboard]')"),
     max_length: int = typer.Option(512, "--max-length", min=2, help="with --data: tokens per sample, prompt + "
                                    "response"),
     max_prompt_length: int = typer.Option(256, "--max-prompt-length", min=1, help="with --data: prompt tokens kept "
                                           "(the prompt's end is kept)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    recipes: list[Path] = config_option(),
 ) -> None:
     """Train a student offline from a cache, on --data alone with --loss sft (no teacher runs), or online with
     --teacher --data (the baseline).
@@ -291,6 +298,7 @@ def train(
             batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume, device=device,
             max_length=max_length, max_prompt_length=max_prompt_length, student_data=student_data,
             dev_cache=dev_cache, eval_every=eval_every, student_data_eps=student_data_eps,
+            report_to=list(report_to or []),
         )
         if recipe:  # the recipe's settings replace what the command line left at its defaults
             settings = recipe_settings(recipe)
@@ -308,20 +316,22 @@ def train(
     if as_json:
         out.print_json(json.dumps(asdict(summary)))
         return
-    final = {f"final {k}": v for k, v in summary.final.items() if k not in ("step", "epoch")}
-    figures = {k: v for k, v in asdict(summary).items() if k not in ("final", "key_layers", "key_layers_from")}
+    final = {f"final {k}": v for k, v in summary.final.items() if k in ("lr", *LOSS_COMPONENTS)}
+    figures = {k: v for k, v in asdict(summary).items()
+               if k not in ("final", "key_layers", "key_layers_from") and (k != "resumed_from" or v)}
     if summary.key_layers:
         figures["key layers (student, teacher, granularity)"] = ", ".join(
             f"({s}, {t}, {g})" for s, t, g in summary.key_layers) + f"  [{summary.key_layers_from}]"
-    print_figures(figures | final, False, "mta train")
+    print_figures(figures | final | {"metrics": str(out_path / "metrics.jsonl")}, False, "mta train")
 
 
 class TrainProgress:
-    """Rich progress on stderr: steps, loss, lr, tokens/s."""
+    """Rich progress on stderr: steps, loss and its components, lr, tokens/s, time left; one line that fits
+    100 columns."""
 
     def __enter__(self):
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(bar_width=12), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                                  console=err, disable=not err.is_terminal)
         self.progress.__enter__()
         self.task = None
@@ -339,13 +349,17 @@ class TrainProgress:
                     self.progress.console.print(f"key layers (student, teacher, granularity): {info['key_layers']} "
                                                 f"[{info['key_layers_from']}]", markup=False, highlight=False)
         elif event == "step":
-            parts = [f"loss {info['loss']:.4f}"] + [f"{k} {info[k]:.4f}" for k in
-                                                     ("ce", "kd", "fdd_traj", "fdd_delta", "dsa", "hid") if k in info]
-            parts += [f"lr {info['lr']:.2e}", f"{info['tokens_per_second']:,.0f} tok/s"]
+            parts = [f"{k} {info[k]:.3g}" for k in LOSS_COMPONENTS if k in info]  # fits 100 columns
+            parts += [f"lr {info['lr']:.1e}", f"{info['tokens_per_second']:,.0f} tok/s"]
             self.progress.update(self.task, completed=info["step"], info=" ".join(parts))
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
+
+
+app.command("generate")(generate_command)  # here, so that --help lists the commands in pipeline order
+app.command("eval")(eval_command)
+app.command("report")(report_command)
 
 
 @app.command()
@@ -412,14 +426,28 @@ def cache_verify(path: str = typer.Argument(..., help="cache directory or URL"),
 
 @cache_app.command("show")
 def cache_show(path: str = typer.Argument(..., help="cache directory or URL"),
-               sample: int = typer.Option(0, "--sample", min=0, help="sample index")) -> None:
+               sample: int = typer.Option(0, "--sample", min=0, help="sample index"),
+               html: Path | None = typer.Option(None, "--html", help="write the sample as a self-contained HTML "
+                                                "page, its tokens shaded by importance weight"),
+               layer: int | None = typer.Option(None, "--layer", help="with --html: the teacher layer whose "
+                                                "importance weights shade the tokens [default: the lowest cached "
+                                                "layer]")) -> None:
     """Print one sample's text with noun phrases (blue), verb phrases (green) and words (underlined).
 
-    Example: `mta cache show cache.zarr --sample 3`
+    With --html, write it as a page instead: phrases underlined in colour, words boxed, the prompt grey, and
+    every teacher token shaded by its importance weight at --layer. Examples:
+    `mta cache show cache.zarr --sample 3`, `mta cache show cache.zarr --sample 3 --html sample.html --layer 22`
     """
     with reported_errors((IndexError,)):
-        text = cache_inspect.show(path, sample)
-    out.print(text)
+        if html is None:
+            out.print(cache_inspect.show(path, sample))
+            return
+        from mta_cli.outputs import check_file
+        from mta_cli.report import write_report
+
+        check_file(html, "--html")
+        write_report([path], html=html, sample=sample, layer=layer, title=f"mta cache show: sample {sample}")
+    out.print(str(html), markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

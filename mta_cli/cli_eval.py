@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mta_cli.cli_support import err, out, reported_errors
 from mta_cli.evaluation import DEFAULT_SEEDS, EvalError, evaluate, render_table, render_trajectory
 from mta_cli.outputs import check_file
+from mta_cli.recipes import config_option, effective_options
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -21,8 +22,9 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def eval_command(
-    model: list[str] = typer.Option(..., "--model", help="model to evaluate: HF folder, hub name or .gguf file; "
-                                                         "repeat for several"),
+    ctx: typer.Context,
+    model: list[str] = typer.Option(..., "--model", help="model to evaluate: HF folder, hub name or .gguf file, "
+                                    "shown by its folder or file name, or NAME=PATH to name it; repeat for several"),
     data: list[str] = typer.Option(..., "--data", help="JSONL data file with references; repeat for several"),
     seeds: str = typer.Option(",".join(map(str, DEFAULT_SEEDS)), "--seeds",
                               help="comma-separated sampling seeds; ROUGE-L is mean ± std over them"),
@@ -48,12 +50,14 @@ def eval_command(
                                           "prompts, 100 to 100,000 (with --baseline)"),
     bootstrap_seed: int = typer.Option(0, "--bootstrap-seed", help="seed of the bootstrap, >= 0: the same seed "
                                        "gives the same intervals (with --baseline)"),
+    recipes: list[Path] = config_option(),
 ) -> None:
     """Evaluate models on instruction data: ROUGE-L over sampling seeds, and NLL / perplexity.
 
     Sampling at temperature 1, top-p 1; ROUGE-L F x100 (stemmed), max over references, mean ± std over seeds.
 
-    NLL / perplexity of the first reference given the prompt. The table goes to stdout, progress to stderr.
+    NLL / perplexity of the first reference given the prompt. The table goes to stdout, progress to stderr;
+    --json also records the effective options (command line and recipes) under "config".
 
     With --baseline B: for every other model, the mean paired difference from B in ROUGE-L and in per-prompt
     NLL (each prompt's mean token NLL), with a 95% percentile bootstrap interval. The bootstrap resamples
@@ -62,7 +66,7 @@ def eval_command(
 
     Examples:
 
-        mta eval --model runs/student --model teacher.gguf --data dev.jsonl --seeds 10,20 --json eval.json
+        mta eval --model runs/student --model teacher=teacher.gguf --data dev.jsonl --seeds 10,20 --json eval.json
 
         mta eval --model runs/srkl --model runs/srkl-mta --baseline runs/srkl --data dev.jsonl --json eval.json
     """
@@ -82,7 +86,8 @@ def eval_command(
         if cache:
             out.print(render_trajectory(report))
         if json_out:
-            json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+            figures = report.to_json() | {"config": effective_options(ctx)}
+            json_out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
             err.print(f"figures written to {json_out}", markup=False, highlight=False)
         if generations:
             report.write_generations(generations)

@@ -73,14 +73,18 @@ def print_figures(figures: dict, as_json: bool, title: str) -> None:
         return
     table = Table(title=title, show_header=False)
     for key, value in figures.items():
-        table.add_row(key, format_figure(value))
+        table.add_row(key, format_figure(value, key))
     out.print(table)
 
 
-def format_figure(value) -> str:
-    """Floats with 3 decimals, or 3 significant digits when small (a learning rate): 2.50e-06, not 0.000."""
+def format_figure(value, key: str = "") -> str:
+    """Floats with 3 decimals, or 3 significant digits when small (a learning rate): 2.50e-06, not 0.000; a
+    byte count with its size in MiB or GiB as well."""
     if isinstance(value, float):
         return f"{value:.3g}" if value and abs(value) < 0.01 else f"{value:,.3f}"
+    if type(value) is int and "bytes" in key and "per_token" not in key:
+        size = f"{value / 2**30:,.2f} GiB" if value >= 2**30 else f"{value / 2**20:,.1f} MiB"
+        return f"{value:,} ({size})"
     return str(value)
 
 

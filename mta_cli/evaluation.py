@@ -28,6 +28,7 @@ from rich.table import Table
 from mta_cli import __version__
 from mta_cli.cache.reader import CacheReader
 from mta_cli.encode import encode_record
+from mta_cli.labels import model_labels
 from mta_cli.models import ModelSource, load_causal_lm, load_tokenizer, resolve_device
 from mta_cli.paired import Bootstrap, paired_comparison
 from mta_cli.records import load_records
@@ -255,11 +256,16 @@ class FileResult:
 
 @dataclass
 class ModelResult:
-    model: str
+    model: str                             # as given (path, .gguf file or hub name)
     load_s: float
     files: list[FileResult]
     trajectory: list[dict] | None = None   # per key-layer pair: dsa, cka (with --cache)
     paired: dict | None = None             # against the baseline (`paired.paired_comparison`); None for it
+    name: str = ""                         # short label: NAME of --model NAME=PATH, else folder or file name
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
 
     def average(self) -> dict:
         """Figures averaged over files: ROUGE-L per seed averaged over files, then mean and population std
@@ -284,7 +290,7 @@ class EvalReport:
         return {
             "mta_version": __version__,
             "settings": self.settings,
-            "models": [{"model": m.model, "load_s": m.load_s, "files": [asdict(f) for f in m.files],
+            "models": [{"model": m.model, "name": m.label, "load_s": m.load_s, "files": [asdict(f) for f in m.files],
                         "average": m.average(), "trajectory": m.trajectory, "paired": m.paired}
                        for m in self.models],
         }
@@ -331,7 +337,7 @@ def render_table(report: EvalReport) -> Table:
         avg = m.average()
         cells = [f"{f.rougeL_mean:.2f} ± {f.rougeL_std:.2f}" for f in m.files]
         deltas = [_paired_cell(m.paired, name, digits) for _, name, digits in paired_columns]
-        table.add_row(m.model, *cells, f"{avg['rougeL_mean']:.2f} ± {avg['rougeL_std']:.2f}",
+        table.add_row(m.label, *cells, f"{avg['rougeL_mean']:.2f} ± {avg['rougeL_std']:.2f}",
                       f"{avg['nll']:.3f}", f"{avg['ppl']:.2f}", *deltas)
     return table
 
@@ -355,7 +361,7 @@ def render_trajectory(report: EvalReport) -> Table:
         table.add_column(name, justify="left" if name in ("model", "granularity") else "right")
     for m in report.models:
         for row in m.trajectory or []:
-            table.add_row(m.model, str(row["student_layer"]), str(row["teacher_layer"]), row["granularity"],
+            table.add_row(m.label, str(row["student_layer"]), str(row["teacher_layer"]), row["granularity"],
                           f"{row['dsa']:.4f}", f"{row['cka']:.3f}")
     return table
 
@@ -376,7 +382,7 @@ def _check_inputs(models: list[str], data_files: list[str], seeds: Sequence[int]
         raise EvalError("no model given: pass at least one --model")
     if not data_files:
         raise EvalError("no data file given: pass at least one --data")
-    for spec in models:
+    for _, spec in model_labels(models):
         ModelSource.parse(spec)  # raises for a missing .gguf file
     if baseline is not None:
         if len(models) < 2:
@@ -401,7 +407,8 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
     Each model is loaded once and freed before the next. Per file: one generation pass per seed (a single
     greedy pass when `greedy`, seeds ignored), ROUGE-L per record (max over references), its mean over
     records per seed, then mean and population std (ddof=0) over seeds; and the NLL / ppl of the first
-    reference (`reference_nll`). `progress` is an optional `rich.progress.Progress` to report to.
+    reference (`reference_nll`). A model given as `NAME=PATH` is labelled NAME, else by its folder or file
+    name. `progress` is an optional `rich.progress.Progress` to report to.
     With `cache`, each model also gets trajectory diagnostics (DSA, CKA per key-layer pair) against the
     teacher states of the cache's first `cache_samples` samples. `skip_invalid` skips invalid records
     instead of refusing the file.
@@ -424,10 +431,10 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
                 "bootstrap_samples": bootstrap.bootstrap_samples, "bootstrap_seed": bootstrap.bootstrap_seed}
     report = EvalReport(settings=settings, models=[])
     datasets = {}  # path -> Dataset; chat files are re-rendered with each model's chat template
-    for spec in models:
+    for label, spec in model_labels(models):
         name = ModelSource.parse(spec).display
         t0 = time.perf_counter()
-        loading = progress.add_task(f"loading {name}", total=None) if progress else None
+        loading = progress.add_task(f"loading {label}", total=None) if progress else None
         tokenizer = load_tokenizer(spec)
         for path in data_files:  # read (and so validate) every file before the slow model load
             if path not in datasets or datasets[path].format == "chat":
@@ -435,13 +442,13 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
         model = load_causal_lm(spec, dtype=dtype, device=device)
         if progress:
             progress.remove_task(loading)
-        result = ModelResult(model=name, load_s=time.perf_counter() - t0, files=[])
+        result = ModelResult(model=name, load_s=time.perf_counter() - t0, files=[], name=label)
         for path in data_files:
             dataset = datasets[path]
             records = dataset.records[:max_records] if max_records else dataset.records
             advance = None
             if progress:
-                task = progress.add_task(f"{name} · {Path(path).name}", total=len(records) * (len(runs) + 1))
+                task = progress.add_task(f"{label} · {Path(path).name}", total=len(records) * (len(runs) + 1))
                 advance = partial(progress.advance, task)
             t0 = time.perf_counter()
             prompts = [r.prompt for r in records]

@@ -334,7 +334,7 @@ def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None 
     check_output(config.out, config.force)
     report("status", {"message": f"reading {config.data} and tokenizing with the teacher's tokenizer"})
     the_plan = plan(config)
-    report("status", {"message": f"loading spaCy ({config.spacy_model})"})
+    report("status", {"message": "loading spaCy" + ("" if config.spacy_model == "auto" else f" ({config.spacy_model})")})
     segmenter = Segmenter(config.spacy_model, words=config.words, n_process=config.spacy_processes)
     report("status", {"message": f"loading the teacher {config.teacher} ({config.teacher_dtype}, {device})"})
     model = load_causal_lm(config.teacher, config.teacher_dtype, str(device), config.trust_remote_code)

@@ -1,7 +1,7 @@
 """The Python API: every command is a plain function of the package, the same objects the CLI uses."""
 
 import mta_cli
-from mta_cli import cache, evaluation
+from mta_cli import cache, evaluation, report
 from mta_cli.extraction import extract as extract_function
 from mta_cli.training import trainer
 
@@ -10,6 +10,7 @@ def test_the_package_exports_the_library_functions():
     assert mta_cli.extract is extract_function
     assert mta_cli.train is trainer.train and mta_cli.TrainConfig is trainer.TrainConfig
     assert mta_cli.evaluate is evaluation.evaluate and mta_cli.CacheReader is cache.CacheReader
+    assert mta_cli.write_report is report.write_report
     assert set(mta_cli.__all__) <= set(dir(mta_cli))
     assert all(getattr(mta_cli, name) is not None for name in mta_cli.__all__)
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,7 +146,8 @@ def test_eval_command_two_models(tmp_path, model_dirs, data_files):
             assert f["rougeL_std"] == pytest.approx(abs(per_seed["10"] - per_seed["20"]) / 2)  # ddof=0
             assert f["ppl"] == pytest.approx(math.exp(f["nll"]))
         assert m["average"]["rougeL_mean"] == pytest.approx(sum(f["rougeL_mean"] for f in m["files"]) / 2)
-    assert all(name in result.stdout for name in model_dirs)
+    assert [m["name"] for m in figures["models"]] == [Path(d).name for d in model_dirs]  # short labels ...
+    assert all(Path(d).name in result.stdout and d not in result.stdout for d in model_dirs)  # ... in the table
     assert "prompts.jsonl" in result.stdout and "avg" in result.stdout
 
 

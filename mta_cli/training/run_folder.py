@@ -5,6 +5,7 @@ run's record (`training_config.json`), which must keep saying what was trained.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,13 +13,15 @@ from mta_cli import __version__
 from mta_cli.outputs import check_folder
 from mta_cli.training.mixing import parse_cache_spec
 from mta_cli.training.checkpoint import latest_checkpoint
+from mta_cli.training.loggers import TENSORBOARD_DIR
 
 RECORD = "training_config.json"
+LOGS = (TENSORBOARD_DIR, "wandb")  # folders of --report-to
 # What a run leaves before its first checkpoint: a failed first attempt that the same command may start over.
-FIRST_ATTEMPT_FILES = {"metrics.jsonl", RECORD, "checkpoints"}
+FIRST_ATTEMPT_FILES = {"metrics.jsonl", RECORD, "checkpoints", *LOGS}
 # Options a resumed run may change: they extend or relocate the run (a copied run folder resumes too) without
 # changing what one step does.
-RESUMABLE = ("max_steps", "epochs", "checkpoint_every", "device", "out", "resume")
+RESUMABLE = ("max_steps", "epochs", "checkpoint_every", "device", "report_to", "out", "resume")
 PATH_FIELDS = ("out", "cache", "teacher", "data", "student", "student_config")
 
 
@@ -93,6 +96,8 @@ def check_resume(out: Path, config) -> None:
 
 
 def start_over(out: Path) -> None:
-    """Forget a failed first attempt (nothing to resume): its metrics and record are rewritten."""
+    """Forget a failed first attempt (nothing to resume): its metrics, TensorBoard events and record are
+    rewritten."""
     for name in ("metrics.jsonl", RECORD):
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 AdamW (student and projectors with their own learning rates), linear warmup then cosine decay,
 gradient clipping and accumulation, bf16 autocast and gradient checkpointing on CUDA, safetensors
-checkpoints every N steps with exact resume, metrics as JSONL, the student saved in HF format.
+checkpoints every N steps with exact resume, metrics as JSONL (and to TensorBoard or W&B with
+`report_to`), the student saved in HF format.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mta_cli.training.batches import CacheBatches
 from mta_cli.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mta_cli.training.data import DataBatches
 from mta_cli.training.mixing import MixedBatches, StudentDataSchedule
+from mta_cli.training.loggers import MetricsLoggers, check_reporters
 from mta_cli.training.objective import Objective, ObjectiveConfig
 from mta_cli.training.recipes import recipe
 from mta_cli.training.run_folder import check_run_folder, holds_run, run_config, start_over, write_run_config
@@ -86,8 +88,10 @@ class TrainConfig:
     @property
     def cache_specs(self) -> list[str]:
         return [] if not self.cache else [self.cache] if isinstance(self.cache, str) else list(self.cache)
+    report_to: list[str] = field(default_factory=list)  # also log metrics to: tensorboard, wandb
 
     def __post_init__(self) -> None:
+        check_reporters(self.report_to)
         check_number(self, "lr", 0)
         check_number(self, "projector_lr", 0)
         check_number(self, "weight_decay", 0)
@@ -300,7 +304,8 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
     train_seconds, train_tokens = 0.0, 0
     parameters = list(student.parameters()) + list(objective.parameters())
     epochs = range(run.position["epoch"], 10**9 if config.max_steps else config.epochs)
-    with (out / "metrics.jsonl").open("a") as metrics:
+    with (out / "metrics.jsonl").open("a") as metrics, \
+            MetricsLoggers(config.report_to, out, run_config(config), first_step=step + 1) as loggers:
         step_started = time.perf_counter()
         for epoch in epochs:
             if step >= run.total_steps:
@@ -331,6 +336,7 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
                     last |= advance_schedule(run, step, config.eval_every, device)
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
+                loggers.log(last)
                 report("step", last)
                 step_tokens, step_losses = 0, {}
                 if config.checkpoint_every and (step % config.checkpoint_every == 0 or step >= run.total_steps):
