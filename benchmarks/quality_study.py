@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,50 +35,39 @@ import numpy as np
 from benchmarks.common import DOLLY, REPO, report, teacher_gguf
 
 MTA = [sys.executable, "-m", "mta_cli"]
-LENGTHS = ["--max-length", "256", "--max-prompt-length", "128"]
+RECIPES = REPO / "examples" / "recipes"
 
 
 @dataclass(frozen=True)
 class Preset:
+    """The study's structure; each command's options (lengths, steps, lr, batch, device, new tokens) are in
+    examples/recipes/quality-<preset>.toml, the variants' objectives in one recipe each."""
+
     train_records: int          # Dolly train records: the teacher's fine-tuning and the distillation data
     teacher_steps: int          # stage 0: SFT steps of the teacher
     teacher_lr: float
-    keep_layers: int            # the student: this many of the teacher's layers, evenly spaced
-    steps: int                  # optimizer steps of every student
-    lr: float
-    batch_size: int
+    keep_layers: int            # the student: this many of the fine-tuned teacher's layers, evenly spaced
     train_seeds: tuple[int, ...]
     main_records: int           # dev prompts for the three-seed rows
     main_seeds: tuple[int, ...]
     other_records: int          # dev prompts for the one-seed rows and the λ sweep
     other_seeds: tuple[int, ...]
     nll_records: int
-    new_tokens: int
-    device: str
 
 
 PRESETS = {
-    "cpu": Preset(train_records=1000, teacher_steps=100, teacher_lr=2e-5, keep_layers=10, steps=100, lr=5e-4,
-                  batch_size=8, train_seeds=(0, 1, 2), main_records=200, main_seeds=(10, 20, 30), other_records=100,
-                  other_seeds=(10,), nll_records=1000, new_tokens=64, device="cpu"),
-    "gpu": Preset(train_records=2623, teacher_steps=600, teacher_lr=2e-5, keep_layers=12, steps=1500, lr=5e-4,
-                  batch_size=16, train_seeds=(0, 1, 2), main_records=500, main_seeds=(10, 20, 30, 40, 50),
-                  other_records=500, other_seeds=(10, 20, 30), nll_records=1000, new_tokens=256, device="cuda"),
+    "cpu": Preset(train_records=1000, teacher_steps=100, teacher_lr=2e-5, keep_layers=10, train_seeds=(0, 1, 2),
+                  main_records=200, main_seeds=(10, 20, 30), other_records=100, other_seeds=(10,), nll_records=1000),
+    "gpu": Preset(train_records=2623, teacher_steps=600, teacher_lr=2e-5, keep_layers=12, train_seeds=(0, 1, 2),
+                  main_records=500, main_seeds=(10, 20, 30, 40, 50), other_records=500, other_seeds=(10, 20, 30),
+                  nll_records=1000),
 }
 
-MAIN = {"sft": ["--loss", "sft"], "srkl": ["--loss", "srkl"], "srkl+mta": ["--loss", "srkl", "--mta"]}
-OTHERS = {
-    "fkl": ["--loss", "fkl"],
-    "srkl+dsa": ["--loss", "srkl", "--mta", "--no-hid"],
-    "srkl+hid": ["--loss", "srkl", "--mta", "--no-dsa"],
-    "distillm": ["--recipe", "distillm"],
-    "distillm+mta": ["--recipe", "distillm", "--mta"],
-    "srkl+mta dsa=0.5": ["--loss", "srkl", "--mta", "--lambda-dsa", "0.5"],
-    "srkl+mta dsa=8": ["--loss", "srkl", "--mta", "--lambda-dsa", "8"],
-    "srkl+mta hid=0.05": ["--loss", "srkl", "--mta", "--lambda-hid", "0.05"],
-    "srkl+mta hid=0.8": ["--loss", "srkl", "--mta", "--lambda-hid", "0.8"],
-    "srkl+mta group": ["--loss", "srkl", "--mta", "--mta-weighting", "group"],
-}
+MAIN = {"sft": "sft", "srkl": "srkl", "srkl+mta": "srkl-mta"}                 # row -> recipe
+OTHERS = {"fkl": "fkl", "srkl+dsa": "srkl-dsa", "srkl+hid": "srkl-hid", "distillm": "distillm",
+          "distillm+mta": "distillm-mta", "srkl+mta dsa=0.5": "srkl-mta-dsa-0.5", "srkl+mta dsa=8": "srkl-mta-dsa-8",
+          "srkl+mta hid=0.05": "srkl-mta-hid-0.05", "srkl+mta hid=0.8": "srkl-mta-hid-0.8",
+          "srkl+mta group": "srkl-mta-group"}
 
 
 def run(*args: str) -> None:
@@ -96,47 +86,53 @@ def slug(name: str) -> str:
 
 
 class Study:
-    def __init__(self, preset: Preset, work: Path):
+    def __init__(self, preset: Preset, work: Path, name: str):
         self.p, self.work = preset, work
+        self.config = ["--config", str(RECIPES / f"quality-{name}.toml")]
+        self.options = tomllib.loads((RECIPES / f"quality-{name}.toml").read_text())
         work.mkdir(parents=True, exist_ok=True)
         self.train = first_lines(DOLLY / "train.jsonl", preset.train_records, work / "train.jsonl")
         self.dev_main = first_lines(DOLLY / "dev.jsonl", preset.main_records, work / "dev-main.jsonl")
         self.dev_other = first_lines(DOLLY / "dev.jsonl", preset.other_records, work / "dev-other.jsonl")
         self.dev_nll = first_lines(DOLLY / "dev.jsonl", preset.nll_records, work / "dev-nll.jsonl")
-        self.device = ["--device", preset.device]
 
     def teacher(self) -> tuple[str, Path]:
         """Stage 0: the instruct teacher and its SFT on Dolly train."""
         original = str(teacher_gguf())
         tuned = self.work / "teacher-sft"
-        run("train", "--data", self.train, "--loss", "sft", "--teacher", original, "--init-from-teacher",
-            "--keep-layers", "30", "--max-steps", self.p.teacher_steps, "--lr", self.p.teacher_lr, "--batch-size",
-            self.p.batch_size, *LENGTHS, "--checkpoint-every", "25", "--resume", "--out", tuned, *self.device)
+        run("train", *self.config, "--data", self.train, "--loss", "sft", "--teacher", original,
+            "--init-from-teacher", "--keep-layers", "30", "--max-steps", self.p.teacher_steps, "--lr",
+            self.p.teacher_lr, *self.lengths, "--out", tuned)
         return original, tuned
 
     def cache_and_student(self, teacher: Path) -> tuple[Path, Path]:
         cache = self.work / "cache.zarr"
-        run("extract", "--teacher", teacher, "--data", self.train, "--out", cache, *LENGTHS, *self.device)
+        run("extract", *self.config, "--teacher", teacher, "--data", self.train, "--out", cache)
         pruned = self.work / f"pruned-{self.p.keep_layers}"
         if not (pruned / "config.json").exists():
             run("prune", "--teacher", teacher, "--keep-layers", self.p.keep_layers, "--out", pruned)
         return cache, pruned
 
-    def train_student(self, cache: Path, pruned: Path, name: str, flags: list[str], seed: int) -> Path:
+    @property
+    def lengths(self) -> list[str]:
+        """The extraction's lengths, for training on --data."""
+        extract = self.options["extract"]
+        return ["--max-length", str(extract["max-length"]), "--max-prompt-length", str(extract["max-prompt-length"])]
+
+    def train_student(self, cache: Path, pruned: Path, name: str, recipe: str, seed: int) -> Path:
         out = self.work / "students" / f"{slug(name)}-s{seed}"
-        run("train", "--cache", cache, "--student", pruned, *flags, "--max-steps", self.p.steps, "--batch-size",
-            self.p.batch_size, "--seed", seed, *(["--lr", self.p.lr] if "--recipe" not in flags else []),
-            "--checkpoint-every", "25", "--resume", "--out", out, *self.device)
+        run("train", *self.config, "--config", str(RECIPES / f"{recipe}.toml"), "--cache", cache, "--student", pruned,
+            "--seed", seed, "--out", out)
         return out
 
-    def evaluate(self, models: list[Path | str], data: Path, seeds: tuple[int, ...], name: str) -> dict:
-        """`mta eval` of `models` (kept once done: re-running reads the file)."""
+    def evaluate(self, models: dict[str, Path | str], data: Path, seeds: tuple[int, ...], name: str) -> dict:
+        """`mta eval` of `models` (label -> path; kept once done: re-running reads the file)."""
         out = self.work / f"eval-{name}.json"
         if not out.exists():
             partial = out.with_suffix(".partial.json")
-            run("eval", *[a for m in models for a in ("--model", m)], "--data", data, "--seeds",
-                ",".join(map(str, seeds)), "--max-new-tokens", self.p.new_tokens, "--batch-size", self.p.batch_size,
-                "--json", partial, "--generations", partial.with_suffix(".jsonl"), *self.device)
+            run("eval", *self.config, *[a for label, m in models.items() for a in ("--model", f"{label}={m}")],
+                "--data", data, "--seeds", ",".join(map(str, seeds)), "--json", partial, "--generations",
+                partial.with_suffix(".jsonl"))
             partial.rename(out)
         return json.loads(out.read_text())
 
@@ -148,10 +144,12 @@ class Study:
             from mta_cli.models import load_causal_lm, load_tokenizer
             from mta_cli.records import load_records
 
+            extract, evaluate = self.options["extract"], self.options["eval"]
             tokenizer = load_tokenizer(str(model))
-            figures = reference_nll(load_causal_lm(str(model), device=self.p.device), tokenizer,
+            figures = reference_nll(load_causal_lm(str(model), device=evaluate["device"]), tokenizer,
                                     load_records(self.dev_nll, tokenizer=tokenizer).records,
-                                    batch_size=self.p.batch_size, max_length=256, max_prompt_length=128)
+                                    batch_size=evaluate["batch-size"], max_length=extract["max-length"],
+                                    max_prompt_length=extract["max-prompt-length"])
             out.parent.mkdir(exist_ok=True)
             out.write_text(json.dumps({"nll": figures.nll, "per_record": figures.per_record}))
         return json.loads(out.read_text())
@@ -160,10 +158,14 @@ class Study:
 # --- statistics --------------------------------------------------------------------------------------------
 
 
-def per_prompt(evaluation: dict, model: str) -> np.ndarray:
-    """ROUGE-L per prompt (mean over the sampling seeds) of `model` in an eval JSON: [n_prompts]."""
-    entry = next(m for m in evaluation["models"] if m["model"] == model)
-    seeds = entry["files"][0]["rougeL_per_record"]
+def entry(evaluation: dict, label: str) -> dict:
+    return next(m for m in evaluation["models"] if m["name"] == label)
+
+
+def per_prompt(evaluation: dict, label: str) -> np.ndarray:
+    """ROUGE-L per prompt (mean over the sampling seeds) of the model `label` in an eval JSON: [n_prompts]."""
+    entry_ = entry(evaluation, label)
+    seeds = entry_["files"][0]["rougeL_per_record"]
     return np.mean([seeds[s] for s in sorted(seeds)], axis=0)
 
 
@@ -182,64 +184,66 @@ def paired_interval(rows: list[np.ndarray], bases: list[np.ndarray], samples: in
     return float(diffs.mean()), float(low), float(high)
 
 
-def rouge_of(evaluation: dict, model: str) -> float:
-    return next(m for m in evaluation["models"] if m["model"] == model)["average"]["rougeL_mean"]
+def rouge_of(evaluation: dict, label: str) -> float:
+    return entry(evaluation, label)["average"]["rougeL_mean"]
 
 
-def table(study: Study, teachers: dict, pruned: Path, students: dict, evals: dict, nll: dict) -> tuple[list, dict]:
+def table(students: dict[str, list[Path]], evals: dict, nll: dict) -> tuple[list, dict]:
     """Rows: model, training seeds, ROUGE-L mean ± std over training seeds, Δ vs srkl [95% CI], NLL."""
     rows, figures = [], {}
-    main_eval, other_eval = evals["main"], evals["other"]
-    srkl = [str(p) for p in students["srkl"]]
-    for name, path in [*teachers.items(), ("pruned (untrained)", pruned)]:
-        score = rouge_of(evals["reference"], str(path))
-        rows.append([name, "-", f"{score:.2f}", "-", f"{nll[str(path)]['nll']:.3f}"])
-        figures[name] = {"rougeL": score, "nll": nll[str(path)]["nll"], "eval": "reference"}
+    for label in REFERENCE:
+        score = rouge_of(evals["reference"], label)
+        rows.append([label, "-", f"{score:.2f}", "-", f"{nll[label]['nll']:.3f}"])
+        figures[label] = {"rougeL": score, "nll": nll[label]["nll"], "eval": "reference"}
+    srkl = labels("srkl", students["srkl"])
     for name, paths in students.items():
-        paths = [str(p) for p in paths]
         main = name in MAIN
-        evaluation = main_eval if main else other_eval
-        scores = [rouge_of(evaluation, p) for p in paths]
-        bases = srkl if main else srkl[:1]
-        if name == "srkl":
-            delta = None
-        else:
-            delta = paired_interval([per_prompt(evaluation, p) for p in paths],
-                                    [per_prompt(evaluation, b) for b in bases])
-        nlls = [nll[p]["nll"] for p in paths] if all(p in nll for p in paths) else None
-        spread = f" ± {statistics.pstdev(scores):.2f}" if len(scores) > 1 else ""
-        rows.append([name, len(paths), f"{statistics.fmean(scores):.2f}{spread}",
+        evaluation, own = evals["main" if main else "other"], labels(name, paths)
+        scores = [rouge_of(evaluation, label) for label in own]
+        delta = None if name == "srkl" else paired_interval([per_prompt(evaluation, label) for label in own],
+                                                            [per_prompt(evaluation, b) for b in srkl[:len(own)]])
+        nlls = [nll[label]["nll"] for label in own] if main else None
+        rows.append([name, len(own), mean_spread(scores, 2),
                      "-" if delta is None else f"{delta[0]:+.2f} [{delta[1]:+.2f}, {delta[2]:+.2f}]",
-                     "-" if nlls is None else f"{statistics.fmean(nlls):.3f}" +
-                     (f" ± {statistics.pstdev(nlls):.3f}" if len(nlls) > 1 else "")])
+                     "-" if nlls is None else mean_spread(nlls, 3)])
         figures[name] = {"rougeL_per_seed": scores, "nll_per_seed": nlls, "eval": "main" if main else "other",
                          "delta_vs_srkl": None if delta is None else dict(zip(("mean", "low", "high"), delta))}
     return rows, figures
 
 
+def mean_spread(values: list[float], digits: int) -> str:
+    spread = f" ± {statistics.pstdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.{digits}f}{spread}"
+
+
+def labels(name: str, paths: list[Path]) -> list[str]:
+    """The eval labels of a row's students: its name and training seed."""
+    return [f"{slug(name)}-s{Path(p).name.rsplit('-s', 1)[1]}" for p in paths]
+
+
+REFERENCE = ("teacher (instruct)", "teacher (SFT on Dolly)", "pruned (untrained)")
 PILOT = [(8, 5e-4), (10, 5e-4), (15, 5e-4), (10, 2e-4), (10, 1e-3)]  # (kept layers, lr) of SFT students
 
 
 def pilot(study: Study) -> None:
-    """The student choice: SFT students of several sizes and learning rates, `steps` steps each, against the
+    """The student choice: SFT students of several sizes and learning rates, the study's steps each, against the
     untrained pruned copies and the fine-tuned teacher (NLL on the NLL records, ROUGE-L on the other records)."""
     _, tuned = study.teacher()
-    rows, models = [], [tuned]
+    models = {"teacher-sft": tuned}
     for keep, lr in PILOT:
         pruned = study.work / f"pruned-{keep}"
         if not (pruned / "config.json").exists():
             run("prune", "--teacher", tuned, "--keep-layers", keep, "--out", pruned)
         out = study.work / "pilot" / f"sft-{keep}-{lr:g}"
-        run("train", "--data", study.train, "--loss", "sft", "--student", pruned, "--max-steps", study.p.steps,
-            "--lr", lr, "--batch-size", study.p.batch_size, *LENGTHS, "--checkpoint-every", "25", "--resume",
-            "--out", out, *study.device)
-        models += [pruned, out]
-    evaluation = study.evaluate(sorted(set(models), key=models.index), study.dev_other, study.p.other_seeds, "pilot")
-    for model in sorted(set(models), key=models.index):
-        rows.append([Path(str(model)).name, f"{rouge_of(evaluation, str(model)):.2f}", f"{study.nll(model)['nll']:.3f}"])
+        run("train", *study.config, "--data", study.train, "--loss", "sft", "--student", pruned, "--lr", lr,
+            *study.lengths, "--out", out)
+        models |= {pruned.name: pruned, out.name: out}
+    evaluation = study.evaluate(models, study.dev_other, study.p.other_seeds, "pilot")
+    rows = [[label, f"{rouge_of(evaluation, label):.2f}", f"{study.nll(path)['nll']:.3f}"]
+            for label, path in models.items()]
     report("quality_pilot", "The student choice: SFT students after the same steps (Dolly dev)",
            ["model", f"ROUGE-L ({study.p.other_records} prompts)", f"NLL ({study.p.nll_records} records)"], rows,
-           asdict(study.p) | {"candidates": PILOT})
+           asdict(study.p) | {"candidates": PILOT, "steps": study.options["train"]["max-steps"]})
 
 
 def main() -> None:
@@ -249,27 +253,32 @@ def main() -> None:
     parser.add_argument("--pilot", action="store_true", help="train and compare the candidate students only")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
-    study = Study(preset, args.work or REPO / f"study-{args.preset}")
+    study = Study(preset, args.work or REPO / f"study-{args.preset}", args.preset)
     if args.pilot:
         pilot(study)
         return
     started = time.perf_counter()
     original, tuned = study.teacher()
     cache, pruned = study.cache_and_student(tuned)
-    students = {name: [study.train_student(cache, pruned, name, flags, s) for s in preset.train_seeds]
-                for name, flags in MAIN.items()}
-    students |= {name: [study.train_student(cache, pruned, name, flags, 0)] for name, flags in OTHERS.items()}
-    teachers = {"teacher (instruct)": original, "teacher (SFT on Dolly)": tuned}
-    evals = {"reference": study.evaluate([original, tuned, pruned], study.dev_other, preset.other_seeds, "reference"),
-             "main": study.evaluate([p for n in MAIN for p in students[n]], study.dev_main, preset.main_seeds, "main"),
-             "other": study.evaluate([students["srkl"][0], *[students[n][0] for n in OTHERS]], study.dev_other,
-                                     preset.other_seeds, "other")}
-    nll = {str(m): study.nll(m) for m in [original, tuned, pruned, *[p for n in MAIN for p in students[n]]]}
-    rows, figures = table(study, {k: str(v) for k, v in teachers.items()}, pruned, students, evals, nll)
+    students = {name: [study.train_student(cache, pruned, name, recipe, s) for s in preset.train_seeds]
+                for name, recipe in MAIN.items()}
+    students |= {name: [study.train_student(cache, pruned, name, recipe, 0)] for name, recipe in OTHERS.items()}
+    reference = dict(zip(REFERENCE, (original, tuned, pruned)))
+    main_rows = {label: path for name in MAIN for label, path in zip(labels(name, students[name]), students[name])}
+    other_rows = {label: students[name][0] for name in ("srkl", *OTHERS) for label in labels(name, students[name][:1])}
+    evals = {"reference": study.evaluate(reference, study.dev_other, preset.other_seeds, "reference"),
+             "main": study.evaluate(main_rows, study.dev_main, preset.main_seeds, "main"),
+             "other": study.evaluate(other_rows, study.dev_other, preset.other_seeds, "other")}
+    nll = {label: study.nll(path) for label, path in (reference | main_rows).items()}
+    rows, figures = table(students, evals, nll)
     report(f"quality_{args.preset}", "Does MTA help? ROUGE-L on held-out Dolly dev (x100)",
            ["model", "training seeds", "ROUGE-L (mean ± std over training seeds)", "Δ vs srkl [95% CI]",
             f"NLL ({preset.nll_records} dev records)"], rows,
-           asdict(preset) | {"wall_minutes": round((time.perf_counter() - started) / 60, 1)}, {"figures": figures})
+           asdict(preset) | study.options | {"wall_minutes": round((time.perf_counter() - started) / 60, 1)},
+           {"figures": figures})
+    run("report", *[p for paths in students.values() for p in paths], study.work / "eval-main.json",
+        study.work / "eval-other.json", cache, "--title", f"Quality study ({args.preset})", "--out",
+        study.work / "report.html")
 
 
 if __name__ == "__main__":
