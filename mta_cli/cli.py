@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import typer
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+from rich.progress import (BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
 from mta_cli import __version__
@@ -25,7 +25,7 @@ from mta_cli.cli_eval import eval_command
 from mta_cli.cli_generate import generate_command
 from mta_cli.cli_report import report_command
 from mta_cli import cli_support
-from mta_cli.cli_support import err, out, parse_ints, print_figures, reported_errors
+from mta_cli.cli_support import EventProgress, err, out, parse_ints, print_figures, reported_errors
 from mta_cli.recipes import config_option
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
@@ -141,24 +141,17 @@ def dry_run_figures(config, plan, estimate_bytes) -> dict:
             "dropped_no_response": the_plan.dropped, "truncated": the_plan.truncated, **figures}
 
 
-class ExtractProgress:
-    """A rich progress bar on stderr fed by `extract`'s events: samples, tokens/s, bytes written, ETA."""
+class ExtractProgress(EventProgress):
+    """extract's progress: samples, tokens/s, bytes written, ETA."""
 
-    def __enter__(self):
-        self.progress = Progress(
-            TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.fields[samples]} samples"),
-            TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[written]}"), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=err, disable=not err.is_terminal,
-        )
-        self.progress.__enter__()
-        self.task, self.started, self.samples, self.total = None, 0.0, 0, 0
-        return self.on_event
+    def columns(self) -> tuple:
+        self.started, self.samples, self.total = 0.0, 0, 0
+        return (TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.fields[samples]} samples"),
+                TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[written]}"), TimeElapsedColumn(),
+                TimeRemainingColumn())
 
-    def on_event(self, event: str, info: dict) -> None:
-        if event == "status":
-            self.progress.console.print(f"[dim]{info['message']} ...[/dim]", highlight=False) \
-                if err.is_terminal else None
-        elif event == "start":
+    def handle(self, event: str, info: dict) -> None:
+        if event == "start":
             self.total = info["samples"]
             self.task = self.progress.add_task("extract", total=info["tokens"], samples=f"0/{self.total}",
                                                rate="", written="")
@@ -173,9 +166,6 @@ class ExtractProgress:
                                  written=f"{info['bytes'] / 2**20:,.1f} MiB written")
         elif event == "shard" and self.task is not None:
             self.progress.update(self.task, written=f"{info['bytes'] / 2**20:,.1f} MiB written")
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
 
 
 @app.command()
@@ -325,36 +315,25 @@ def train(
     print_figures(figures | final | {"metrics": str(out_path / "metrics.jsonl")}, False, "mta train")
 
 
-class TrainProgress:
-    """Rich progress on stderr: steps, loss and its components, lr, tokens/s, time left; one line that fits
-    100 columns."""
+class TrainProgress(EventProgress):
+    """train's progress: steps, loss and its components, lr, tokens/s, time left; one line that fits 100 columns."""
 
-    def __enter__(self):
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(bar_width=12), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                 console=err, disable=not err.is_terminal)
-        self.progress.__enter__()
-        self.task = None
-        return self.on_event
+    def columns(self) -> tuple:
+        return (TextColumn("[bold]train"), BarColumn(bar_width=12), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
 
-    def on_event(self, event: str, info: dict) -> None:
-        if event == "status" and err.is_terminal:
-            self.progress.console.print(f"[dim]{info['message']} ...[/dim]", highlight=False)
-        elif event == "start":
+    def handle(self, event: str, info: dict) -> None:
+        if event == "start":
             self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["step"], info="")
-            if err.is_terminal:
-                for note in info["notes"]:
-                    self.progress.console.print(note, markup=False, highlight=False)
-                if info["key_layers"]:
-                    self.progress.console.print(f"key layers (student, teacher, granularity): {info['key_layers']} "
-                                                f"[{info['key_layers_from']}]", markup=False, highlight=False)
+            for note in info["notes"]:
+                self.note(note)
+            if info["key_layers"]:
+                self.note(f"key layers (student, teacher, granularity): {info['key_layers']} "
+                          f"[{info['key_layers_from']}]")
         elif event == "step":
             parts = [f"{k} {info[k]:.3g}" for k in LOSS_COMPONENTS if k in info]  # fits 100 columns
             parts += [f"lr {info['lr']:.1e}", f"{info['tokens_per_second']:,.0f} tok/s"]
             self.progress.update(self.task, completed=info["step"], info=" ".join(parts))
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
 
 
 app.command("generate")(generate_command)  # here, so that --help lists the commands in pipeline order

@@ -6,9 +6,9 @@ import time
 from dataclasses import asdict
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mta_cli.cli_support import err, parse_ints, print_figures, reported_errors
+from mta_cli.cli_support import EventProgress, parse_ints, print_figures, reported_errors
 
 
 def generate_command(
@@ -53,31 +53,22 @@ def generate_command(
     print_figures(asdict(summary), as_json, "mta generate")
 
 
-class GenerateProgress:
-    """A rich progress bar on stderr fed by `generate_records`' events: (prompt, seed) pairs, records, tokens/s."""
+class GenerateProgress(EventProgress):
+    """generate's progress: (prompt, seed) pairs, records written, tokens/s."""
 
-    def __enter__(self):
-        self.progress = Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=err, disable=not err.is_terminal)
-        self.progress.__enter__()
-        self.task, self.records, self.tokens, self.started = None, 0, 0, 0.0
-        return self.on_event
+    def columns(self) -> tuple:
+        self.records, self.tokens, self.started = 0, 0, 0.0
+        return (TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(), TimeRemainingColumn())
 
-    def on_event(self, event: str, info: dict) -> None:
-        if event == "status" and err.is_terminal:
-            self.progress.console.print(f"[dim]{info['message']} ...[/dim]", highlight=False)
-        elif event == "start":
+    def handle(self, event: str, info: dict) -> None:
+        if event == "start":
             self.task = self.progress.add_task("generate", total=info["total"], completed=info["done"], info="")
             self.started = time.perf_counter()
-            if info["done"] and err.is_terminal:
-                self.progress.console.print(f"resuming: {info['done']} of {info['total']} (prompt, seed) pairs done")
+            if info["done"]:
+                self.note(f"resuming: {info['done']} of {info['total']} (prompt, seed) pairs done")
         elif event == "batch" and self.task is not None:
             self.records += info["records"]
             self.tokens += info["tokens"]
             rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
-            self.progress.update(self.task, advance=info["pairs"],
-                                 info=f"{self.records} records, {rate:,.0f} tok/s")
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+            self.progress.update(self.task, advance=info["pairs"], info=f"{self.records} records, {rate:,.0f} tok/s")

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from mta_cli.cache.store import CacheError
@@ -95,3 +96,37 @@ def parse_ints(text: str | None, option: str) -> list[int] | None:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
+class EventProgress:
+    """A rich progress display on stderr, quiet when stderr is not a terminal, fed by a library function's
+    `progress(event, info)` events: `with Sub() as on_event: run(..., progress=on_event)`.
+
+    A "status" event (what is loading) is printed as a dim line; a subclass gives its `columns()` and handles
+    the other events in `handle`."""
+
+    def columns(self) -> tuple:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.progress = Progress(*self.columns(), console=err, disable=not err.is_terminal)
+        self.progress.__enter__()
+        self.task = None
+        return self.on_event
+
+    def on_event(self, event: str, info: dict) -> None:
+        if event == "status":
+            self.note(f"[dim]{info['message']} ...[/dim]", markup=True)
+        else:
+            self.handle(event, info)
+
+    def handle(self, event: str, info: dict) -> None:
+        raise NotImplementedError
+
+    def note(self, text: str, markup: bool = False) -> None:
+        """A line above the bar, in a terminal only."""
+        if err.is_terminal:
+            self.progress.console.print(text, markup=markup, highlight=False)
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
