@@ -17,6 +17,7 @@ Conventions shared by every loss here:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,6 +93,13 @@ def _sums(
         return torch.stack([ce, torch.zeros_like(ce)])
     tempered = logp if temperature == 1 else log_probs(logits / temperature)
     return torch.stack([ce, divergence(tempered, *teacher).sum()])
+
+
+@functools.cache
+def compiled_sums() -> Callable[..., Tensor]:
+    """`_sums` compiled once per process (torch.compile, shapes dynamic: the last chunk is shorter): the
+    elementwise work over [chunk, V] fused into fewer passes. Compiling takes ~25 s on 2 CPU cores."""
+    return torch.compile(_sums, dynamic=True)
 
 
 def _teacher_logp(teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -223,22 +231,24 @@ def kd_loss(
     chunk_size: int = 1024,
     skew_lambda: float = 0.1,
     akl_mu: float = 0.5,
+    compile: bool = False,
 ) -> dict[str, Tensor]:
     """The base loss from last hidden states, with logits computed chunk by chunk (see module docstring).
 
     student_hidden [N, dS], teacher_hidden [N, dT] (None for "sft"), labels [N].
     Gradients reach student_hidden and the student head's tensors; the teacher side runs under no_grad.
-    Returns what `kd_loss_from_logits` returns for the full logits.
+    Returns what `kd_loss_from_logits` returns for the full logits. `compile` uses `compiled_sums`.
     """
     _check(loss, alpha, temperature)
     divergence = bound_divergence(loss, skew_lambda, akl_mu) if loss != "sft" else None
+    sums = compiled_sums() if compile else _sums
 
     def chunk_sums(head: LogitHead, s_hidden: Tensor, t_hidden: Tensor | None, chunk_labels: Tensor) -> Tensor:
         if divergence is None:
-            return _sums(head(s_hidden), chunk_labels, None, temperature)
+            return sums(head(s_hidden), chunk_labels, None, temperature)
         with torch.no_grad():
             t_logp = _teacher_logp(teacher_head(t_hidden), temperature)
-        return _sums(head(s_hidden), chunk_labels, divergence, temperature, (t_logp,))
+        return sums(head(s_hidden), chunk_labels, divergence, temperature, (t_logp,))
 
     n = labels.numel()
     coef = _coefficients(loss, alpha, n, torch.promote_types(student_hidden.dtype, torch.float32))

@@ -30,6 +30,7 @@ class ObjectiveConfig:
     student_pooling: str = "student"
     key_layers: list[tuple[int, int, str]] = field(default_factory=list)
     chunk_size: int | None = None     # target positions per vocabulary chunk; None: from the vocabulary size
+    compile_loss: bool = False        # torch.compile the per-chunk KD loss (pays after a few dozen steps)
     topk: bool = False   # base loss from the cache's top-k teacher log-probs instead of exact logits
     skew_lambda: float = 0.1          # λ of skl / srkl (DistiLLM: 0.1)
     akl_mu: float = 0.5               # μ of akl, the teacher mass of the head (AKL: 0.5)
@@ -144,7 +145,7 @@ class Objective(nn.Module):
             teacher_hidden = batch.teacher_states[self.teacher_last_layer][targets] if needs_teacher else None
             losses = kd_loss(student_hidden, student_head(student), teacher_hidden,
                              self.teacher_head if needs_teacher else None, labels, c.loss, c.kd_alpha, c.temperature,
-                             self.chunk_size, c.skew_lambda, c.akl_mu)
+                             self.chunk_size, c.skew_lambda, c.akl_mu, c.compile_loss)
         if self.mta is not None:
             student_states = {s: out.hidden_states[s] for s, _, _ in c.key_layers}
             teacher_states = {t: batch.teacher_states[t] for _, t, _ in c.key_layers}
