@@ -20,7 +20,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from mta_cli import __version__
+from mta_cli import __version__, distributed
 from mta_cli.cache import inspect as cache_inspect
 from mta_cli.cli_eval import eval_command
 from mta_cli import cli_support
@@ -142,7 +142,8 @@ def extract(
             return
         with ExtractProgress() as on_event:
             summary = run_extract(config, progress=on_event)
-    print_figures(asdict(summary), as_json, "mta extract")
+    if distributed.launched().main:  # under torchrun rank 0 speaks for the job
+        print_figures(asdict(summary), as_json, "mta extract")
 
 
 def dry_run_figures(config, plan, estimate_bytes) -> dict:
@@ -167,7 +168,7 @@ class ExtractProgress:
         self.progress = Progress(
             TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.fields[samples]} samples"),
             TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[written]}"), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=err, disable=not err.is_terminal,
+            TimeRemainingColumn(), console=err, disable=not err.is_terminal or not distributed.launched().main,
         )
         self.progress.__enter__()
         self.task, self.started, self.samples, self.total = None, 0.0, 0, 0
@@ -330,7 +331,7 @@ class TrainProgress:
     def __enter__(self):
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=err, disable=not err.is_terminal)
+                                 console=err, disable=not err.is_terminal or not distributed.launched().main)
         self.progress.__enter__()
         self.task = None
         return self.on_event

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import typer
 from rich.console import Console
 
+from mta_cli import distributed
 from mta_cli.cache.store import CacheError
 from mta_cli.models import ModelLoadError
 from mta_cli.records import DataError
@@ -45,15 +46,24 @@ def os_error_message(error: OSError) -> str:
 
 
 def fail(message: str) -> typer.Exit:
-    err.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+    """Print `message` as the error line (under torchrun prefixed with the rank that failed); exit code 1."""
+    ranks = distributed.launched()
+    where = f"[rank {ranks.rank}] " if ranks.distributed else ""
+    err.print(f"error: {where}{message}", style="red", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(1)
 
 
 @contextmanager
 def reported_errors(extra: tuple[type[BaseException], ...] = ()):
-    """Turn the errors a user can act on into one line on stderr and exit code 1 (traceback with --debug)."""
+    """Turn the errors a user can act on into one line on stderr and exit code 1 (traceback with --debug).
+
+    Under torchrun a rank that failed says why; of the ranks stopped by its failure only rank 0 repeats it."""
     try:
         yield
+    except distributed.RankFailed as e:
+        if distributed.launched().main:
+            raise fail(str(e)) from e
+        raise typer.Exit(1) from e
     except (*USER_ERRORS, *extra) as e:
         if debug:
             err.print_exception()

@@ -10,18 +10,19 @@ from __future__ import annotations
 import errno
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from mta_cli import __version__
+from mta_cli import __version__, distributed
 from mta_cli.cache.layout import BYTES_PER_VALUE, FORMAT_VERSION, STATE_DTYPES, encode_states
 from mta_cli.cache.store import CacheError, CacheWriter, check_output
 from mta_cli.encode import Encoded, encode_record
 from mta_cli.losses.schedule import default_teacher_layers
-from mta_cli.models import (ModelSource, hidden_size, load_causal_lm, load_tokenizer, n_layers, resolve_device,
+from mta_cli.models import (ModelSource, hidden_size, load_causal_lm, load_tokenizer, n_layers,
                             tokenizer_fingerprint, weights_fingerprint)
 from mta_cli.options import check_choice, check_number
 from mta_cli.records import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_records
@@ -96,8 +97,9 @@ class ExtractSummary:
     layers: list[int]
     seconds: float
     tokens_per_second: float          # extraction throughput: tokens / wall time of the shard loop
-    teacher_seconds: float
+    teacher_seconds: float            # teacher forward time, summed over the ranks
     bytes_written: int                # compressed bytes on disk of the shards written by this run
+    ranks: int = 1                    # processes that extracted (torchrun --nproc-per-node)
 
 
 @dataclass
@@ -321,38 +323,56 @@ def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None 
     reused_shards}), ("batch", {samples, tokens, bytes}) and ("shard", {index, samples, bytes}) so a CLI can
     draw a progress bar; the library prints nothing. The output is checked before the teacher is loaded;
     the cache is locked while it is written (one extraction per cache at a time).
-    """
-    report = progress or (lambda event, info: None)
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    check_output(config.out, config.force)
-    report("status", {"message": f"reading {config.data} and tokenizing with the teacher's tokenizer"})
-    the_plan = plan(config)
-    report("status", {"message": f"loading spaCy ({config.spacy_model})"})
-    segmenter = Segmenter(config.spacy_model, words=config.words, n_process=config.spacy_processes)
-    report("status", {"message": f"loading the teacher {config.teacher} ({config.teacher_dtype}, {device})"})
-    model = load_causal_lm(config.teacher, config.teacher_dtype, str(device), config.trust_remote_code)
-    layers = resolve_layers(config.layers, n_layers(model))
-    head = output_head(model)
-    norm = checked_lens(model, head, torch.from_numpy(the_plan.samples[0].input_ids[None].astype(np.int64)).to(device))
 
-    report("status", {"message": "fingerprinting the teacher's weights"})
-    meta = cache_metadata(config, the_plan, model, layers, segmenter)
-    meta["teacher"]["head"] = head_metadata(head, norm, config.teacher_dtype)
-    with CacheWriter(config.out, meta, force=config.force) as writer:
+    Under torchrun every rank runs this: rank 0 holds the lock, writes the root metadata and the head, and
+    alone reports progress (of all ranks: others' work arrives at each shard round); the shards to write
+    are dealt out round-robin (the k-th to rank k % world). Which samples form a shard depends on the data
+    and options only, so the cache is the same whatever the number of ranks, and a run stopped under N
+    ranks resumes under M. The cache is marked complete once every rank has written its shards.
+    """
+    started = time.perf_counter()
+    ranks = distributed.launched()
+    device = distributed.rank_device(config.device, ranks)
+    check_output(config.out, config.force)
+    with distributed.process_group(device) as ranks, ExitStack() as stack:
+        report = progress if progress is not None and ranks.main else (lambda event, info: None)
+        torch.manual_seed(config.seed)
+        with distributed.together(ranks):
+            report("status", {"message": f"reading {config.data} and tokenizing with the teacher's tokenizer"})
+            the_plan = plan(config)
+            report("status", {"message": f"loading spaCy ({config.spacy_model})"})
+            segmenter = Segmenter(config.spacy_model, words=config.words, n_process=config.spacy_processes)
+            report("status", {"message": f"loading the teacher {config.teacher} ({config.teacher_dtype}, {device})"})
+            model = load_causal_lm(config.teacher, config.teacher_dtype, str(device), config.trust_remote_code)
+            layers = resolve_layers(config.layers, n_layers(model))
+            head = output_head(model)
+            probe = torch.from_numpy(the_plan.samples[0].input_ids[None].astype(np.int64)).to(device)
+            norm = checked_lens(model, head, probe)
+            report("status", {"message": "fingerprinting the teacher's weights"})
+            meta = cache_metadata(config, the_plan, model, layers, segmenter)
+            meta["teacher"]["head"] = head_metadata(head, norm, config.teacher_dtype)
+            if ranks.main:
+                writer = stack.enter_context(CacheWriter(config.out, meta, force=config.force))
         try:
-            writer.write_head(head_arrays(head, norm, config.teacher_dtype))
-            summary = _write_shards(config, the_plan, model, layers, head, segmenter, device, meta, writer, report)
+            with distributed.together(ranks):
+                if ranks.main:
+                    writer.write_head(head_arrays(head, norm, config.teacher_dtype))
+                else:
+                    writer = stack.enter_context(CacheWriter(config.out, meta, join=True))
+            todo = distributed.broadcast(ranks, [k for k in range(meta["n_shards"]) if not writer.shard_complete(k)]
+                                         if ranks.main else None)
+            summary = _write_shards(config, the_plan, model, layers, head, segmenter, device, meta, writer, report,
+                                    ranks, todo)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise CacheError(disk_full_message(config, the_plan, model, writer)) from None
             raise
         summary.seconds = time.perf_counter() - started
-        timing = {"seconds": summary.seconds, "tokens_per_second": summary.tokens_per_second}
-        if summary.shards_reused == summary.shards:  # nothing extracted now: keep the figures of the run that did
-            timing = writer.root.attrs["mta"].get("extraction", timing)
-        writer.finish({"extraction": timing})
+        if ranks.main:
+            timing = {"seconds": summary.seconds, "tokens_per_second": summary.tokens_per_second}
+            if summary.shards_reused == summary.shards:  # nothing extracted now: keep the figures of the run that did
+                timing = writer.root.attrs["mta"].get("extraction", timing)
+            writer.finish({"extraction": timing})
     return summary
 
 
@@ -368,17 +388,21 @@ def disk_full_message(config: ExtractConfig, the_plan: Plan, model, writer: Cach
 
 def _write_shards(config: ExtractConfig, the_plan: Plan, model, layers: list[int], head: LogitHead,
                   segmenter: Segmenter, device: torch.device, meta: dict, writer: CacheWriter,
-                  report: Callable[[str, dict], None]) -> ExtractSummary:
-    """The shard loop (module docstring): teacher batches, spaCy and writes overlapped; returns the summary."""
-    size = config.shard_size
-    shards = [(k, list(range(k * size, min((k + 1) * size, len(the_plan.samples)))))
-              for k in range(meta["n_shards"])]
-    todo = [(k, idx) for k, idx in shards if not writer.shard_complete(k)]
-    reused = len(shards) - len(todo)
-    todo_tokens = sum(len(the_plan.samples[i].input_ids) for _, idx in todo for i in idx)
-    report("start", {"samples": sum(len(idx) for _, idx in todo), "tokens": todo_tokens, "reused_shards": reused})
+                  report: Callable[[str, dict], None], ranks: distributed.Ranks, todo: list[int]) -> ExtractSummary:
+    """The shard loop (module docstring): teacher batches, spaCy and writes overlapped; returns the summary.
 
-    counters = {"tokens": 0, "bytes": 0, "teacher_seconds": 0.0}
+    This rank writes shards todo[rank], todo[rank + world], ...: one per round, the ranks meeting after each
+    round (`distributed.together`) to stop together on a failure and to add up their progress. A last round
+    waits for the last write, so every rank's shards are complete when this returns."""
+    size = config.shard_size
+    shards = {k: list(range(k * size, min((k + 1) * size, len(the_plan.samples)))) for k in range(meta["n_shards"])}
+    mine = todo[ranks.rank::ranks.world]
+    reused = len(shards) - len(todo)
+    report("start", {"samples": sum(len(shards[k]) for k in todo), "reused_shards": reused,
+                     "tokens": sum(len(the_plan.samples[i].input_ids) for k in todo for i in shards[k])})
+
+    counters = {"tokens": 0, "samples": 0, "bytes": 0, "teacher_seconds": 0.0}
+    totals = {"tokens": 0, "bytes": 0}  # every rank's, as of the last round
     pad_id = the_plan.tokenizer.pad_token_id if the_plan.tokenizer.pad_token_id is not None else 0
     with ThreadPoolExecutor(1, thread_name_prefix="mta-spacy") as parse_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="mta-write") as write_pool:
@@ -386,37 +410,57 @@ def _write_shards(config: ExtractConfig, the_plan: Plan, model, layers: list[int
             return parse_pool.submit(lambda: list(segmenter([the_plan.samples[i].text for i in idx],
                                                             [the_plan.samples[i].prompt_chars for i in idx])))
 
+        def on_batch(n_samples: int, n_tokens: int) -> None:
+            counters["tokens"] += n_tokens
+            counters["samples"] += n_samples
+            report("batch", {"samples": n_samples, "tokens": n_tokens, "bytes": totals["bytes"] + counters["bytes"]})
+
         loop_started = time.perf_counter()
         pending_write: Future | None = None
-        next_parse = parse_async(todo[0][1]) if todo else None
-        for position, (k, idx) in enumerate(todo):
-            parse = next_parse
-            if position + 1 < len(todo):
-                next_parse = parse_async(todo[position + 1][1])
-            samples = [the_plan.samples[i] for i in idx]
-
-            def on_batch(n_samples: int, n_tokens: int) -> None:
-                counters["tokens"] += n_tokens
-                report("batch", {"samples": n_samples, "tokens": n_tokens, "bytes": counters["bytes"]})
-
-            t0 = time.perf_counter()
-            states, topk = run_teacher(model, samples, config, layers, head, pad_id, device, on_batch)
-            counters["teacher_seconds"] += time.perf_counter() - t0
-            arrays = shard_arrays(samples, [the_plan.source_lines[i] for i in idx], parse.result(), states, topk)
-            if pending_write is not None:
-                pending_write.result()
-            attrs = {"n_samples": len(samples), "n_tokens": int(arrays["token_ptr"][-1]), "first_sample": idx[0]}
-            pending_write = write_pool.submit(write_and_count, writer, k, arrays, attrs, counters, report)
-        if pending_write is not None:
-            pending_write.result()
+        next_parse = parse_async(shards[mine[0]]) if mine else None
+        for position in range(-(-len(todo) // ranks.world) + 1):
+            reported = dict(counters)
+            with distributed.together(ranks) as round_:
+                if position < len(mine):
+                    k, idx = mine[position], shards[mine[position]]
+                    parse = next_parse
+                    if position + 1 < len(mine):
+                        next_parse = parse_async(shards[mine[position + 1]])
+                    samples = [the_plan.samples[i] for i in idx]
+                    t0 = time.perf_counter()
+                    states, topk = run_teacher(model, samples, config, layers, head, pad_id, device, on_batch)
+                    counters["teacher_seconds"] += time.perf_counter() - t0
+                    arrays = shard_arrays(samples, [the_plan.source_lines[i] for i in idx], parse.result(), states,
+                                          topk)
+                    if pending_write is not None:
+                        pending_write.result()
+                    attrs = {"n_samples": len(samples), "n_tokens": int(arrays["token_ptr"][-1]),
+                             "first_sample": idx[0]}
+                    pending_write = write_pool.submit(write_and_count, writer, k, arrays, attrs, counters, report)
+                elif pending_write is not None:
+                    pending_write.result()
+                    pending_write = None
+                round_.value = {key: counters[key] - reported[key] for key in ("tokens", "samples", "bytes")}
+            others = [value for rank, value in enumerate(round_.values) if rank != ranks.rank]
+            totals["tokens"] += sum(v["tokens"] for v in others)
+            totals["bytes"] += sum(v["bytes"] for v in others)
+            if others and any(v["tokens"] for v in others):
+                report("batch", {"samples": sum(v["samples"] for v in others),
+                                 "tokens": sum(v["tokens"] for v in others),
+                                 "bytes": totals["bytes"] + counters["bytes"]})
         loop_seconds = time.perf_counter() - loop_started
 
+    figures = {"tokens": counters["tokens"], "bytes": counters["bytes"], "teacher_seconds": counters["teacher_seconds"]}
+    with distributed.together(ranks) as final:
+        final.value = figures
+    tokens = sum(v["tokens"] for v in final.values)
     return ExtractSummary(
         out=str(config.out), samples=len(the_plan.samples), tokens=the_plan.n_tokens, shards=len(shards),
         shards_reused=reused, skipped_invalid=len(the_plan.dataset.skipped), dropped_no_response=the_plan.dropped,
         truncated=the_plan.truncated, layers=layers, seconds=0.0,
-        tokens_per_second=counters["tokens"] / loop_seconds if counters["tokens"] else 0.0,
-        teacher_seconds=counters["teacher_seconds"], bytes_written=counters["bytes"],
+        tokens_per_second=tokens / loop_seconds if tokens else 0.0,
+        teacher_seconds=sum(v["teacher_seconds"] for v in final.values),
+        bytes_written=sum(v["bytes"] for v in final.values), ranks=ranks.world,
     )
 
 

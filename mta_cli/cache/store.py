@@ -94,13 +94,18 @@ class CacheWriter:
     (local caches) until `close`.
 
     `meta` is the full root metadata; `meta["config"]` holds everything that decides the cache's
-    content and must match on resume. `force` replaces whatever is at `url` instead.
+    content and must match on resume. `force` replaces whatever is at `url` instead. `join` only opens a
+    cache that another process of the same job opened, locked and checked (rank 0 under torchrun), to
+    write shards into it.
     """
 
-    def __init__(self, url: str, meta: dict[str, Any], force: bool = False):
+    def __init__(self, url: str, meta: dict[str, Any], force: bool = False, join: bool = False):
         self.url = str(url)
-        check_output(self.url, force)
         self._exit = ExitStack()
+        if join:
+            self.root = open_root(self.url, mode="a")
+            return
+        check_output(self.url, force)
         folder = local_path(self.url)
         try:
             if folder is not None:
