@@ -256,11 +256,15 @@ def train(
     grad_accum: int = typer.Option(1, "--grad-accum", min=1),
     epochs: int = typer.Option(1, "--epochs", min=1),
     max_steps: int = typer.Option(None, "--max-steps", min=1),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="the global batch: under torchrun each rank "
+                                   "trains on its share of it"),
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0, help="steps between checkpoints (0: none)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
-    device: str = typer.Option("auto", "--device"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda; under torchrun each "
+                               "rank takes the GPU of its LOCAL_RANK"),
+    fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun: shard the student over the ranks with FSDP2 "
+                              "instead of replicating it (DDP, the default)"),
     student_data: str = typer.Option("fixed", "--student-data", help="fixed: the --cache weights; adaptive: "
                                      "DistiLLM's share of student-generated caches, raised by 0.1 whenever the "
                                      "--dev-cache loss grew by --student-data-eps (needs --eval-every)"),
@@ -297,7 +301,7 @@ def train(
             teacher_layers=parse_ints(teacher_layers, "--teacher-layers"), word_layers=word_layers, lr=lr,
             projector_lr=projector_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             max_grad_norm=max_grad_norm, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume, device=device,
+            batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume, device=device, fsdp=fsdp,
             max_length=max_length, max_prompt_length=max_prompt_length, student_data=student_data,
             dev_cache=dev_cache, eval_every=eval_every, student_data_eps=student_data_eps,
         )
@@ -314,6 +318,8 @@ def train(
             config = TrainConfig(objective=ObjectiveConfig(**objective), **options)
         with TrainProgress() as on_event:
             summary = run_train(config, progress=on_event)
+    if not distributed.launched().main:  # under torchrun rank 0 speaks for the job
+        return
     if as_json:
         out.print_json(json.dumps(asdict(summary)))
         return

@@ -102,7 +102,8 @@ class Shared:
 @contextmanager
 def together(ranks: Ranks) -> Iterator[Shared]:
     """A block every rank runs; at its end the ranks exchange their `value`s and whether they failed, and all
-    raise if one did (module docstring). One rank: no communication."""
+    raise if one did (module docstring). A failure that rank 0 shares (bad options, a damaged cache) is left
+    to rank 0 to report. One rank: no communication."""
     shared = Shared()
     try:
         yield shared
@@ -119,6 +120,8 @@ def _exchange(ranks: Ranks, shared: Shared, error: Exception | None) -> None:
     reports: list = [None] * ranks.world
     dist.all_gather_object(reports, (None if error is None else str(error) or type(error).__name__, shared.value))
     if error is not None:
+        if not ranks.main and reports[0][0] == reports[ranks.rank][0]:  # rank 0 reports the same failure
+            raise RankFailed(f"rank 0 failed: {reports[0][0]}") from error
         return
     failed = [(rank, message) for rank, (message, _) in enumerate(reports) if message is not None]
     if failed:

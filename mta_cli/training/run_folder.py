@@ -18,7 +18,7 @@ RECORD = "training_config.json"
 FIRST_ATTEMPT_FILES = {"metrics.jsonl", RECORD, "checkpoints"}
 # Options a resumed run may change: they extend or relocate the run (a copied run folder resumes too) without
 # changing what one step does.
-RESUMABLE = ("max_steps", "epochs", "checkpoint_every", "device", "out", "resume")
+RESUMABLE = ("max_steps", "epochs", "checkpoint_every", "device", "fsdp", "out", "resume")
 PATH_FIELDS = ("out", "cache", "teacher", "data", "student", "student_config")
 
 

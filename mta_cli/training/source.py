@@ -157,12 +157,13 @@ class Source:
                                  "extracted")
         return tokenizer
 
-    def batches(self, tokenizer, layers: list[int], own_tokenizer: bool):
+    def batches(self, tokenizer, layers: list[int], own_tokenizer: bool, part: tuple[int, int] = (0, 1)):
+        """The run's batches; `part` = (rank, world): this rank's share of each global batch (offline only)."""
         c = self.config
         if self.cached:
             teacher_pad = self.reader.meta["tokenizer"]["pad_token_id"] or 0
             loaders = [CacheBatches(reader, c.batch_size, layers, c.seed + i, teacher_pad,
-                                    student_tokenizer=tokenizer if own_tokenizer else None)
+                                    student_tokenizer=tokenizer if own_tokenizer else None, part=part)
                        for i, reader in enumerate(self.readers)]
             return MixedBatches(loaders, self.weights, [cache_role(r) for r in self.readers])
         return OnlineBatches(self.teacher_model, tokenizer, c.data, c.batch_size, layers, c.seed, self.device,
