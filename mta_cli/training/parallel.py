@@ -55,7 +55,7 @@ def wrap(model: Distilled, ranks: Ranks, fsdp: bool) -> nn.Module:
         return model
     model.objective.share = global_share
     if not fsdp:
-        return DistributedDataParallel(model, broadcast_buffers=False)
+        return DistributedDataParallel(model, forward_sync_buffers=False)  # no buffer changes in training
     for block in decoder_layers(model.student):
         fully_shard(block)
     fully_shard(model, reshard_after_forward=False)
