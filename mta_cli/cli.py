@@ -102,7 +102,15 @@ def extract(
                                                       "[default: depth 1/2, 3/4 and 1; the last is always stored]"),
     dtype: str = typer.Option("bf16", "--dtype", help="stored state precision: bf16, fp16, fp32 or int8"),
     teacher_dtype: str = typer.Option("fp32", "--teacher-dtype", help="teacher compute precision: fp32, bf16, fp16"),
-    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda, cuda:1, ...; under "
+                               "torchrun each rank takes the GPU of its LOCAL_RANK"),
+    device_map: str = typer.Option(None, "--device-map", help="a teacher larger than one device: spread it over the "
+                                   "GPUs (then CPU memory, disk) with accelerate: auto, balanced, balanced_low_0 or "
+                                   "sequential"),
+    max_memory: str = typer.Option(None, "--max-memory", help="with --device-map: the most each device may hold, "
+                                   "e.g. 0=20GiB,1=20GiB,cpu=64GiB"),
+    offload_folder: str = typer.Option(None, "--offload-folder", help="with --device-map: a folder for the weights "
+                                       "that fit on no device"),
     max_length: int = typer.Option(512, "--max-length", min=2, help="tokens per sample, prompt + response"),
     max_prompt_length: int = typer.Option(256, "--max-prompt-length", min=1,
                                           help="prompt tokens kept (the prompt's end is kept)"),
@@ -133,7 +141,8 @@ def extract(
     with reported_errors():
         config = ExtractConfig(
             teacher=teacher, data=str(data), out=out_path, format=format, layers=parse_ints(layers, "--layers"), dtype=dtype,
-            teacher_dtype=teacher_dtype, device=device, max_length=max_length, max_prompt_length=max_prompt_length,
+            teacher_dtype=teacher_dtype, device=device, device_map=device_map, max_memory=max_memory,
+            offload_folder=offload_folder, max_length=max_length, max_prompt_length=max_prompt_length,
             batch_size=batch_size, shard_size=shard_size, top_k=top_k, spacy_model=spacy_model, words=words,
             spacy_processes=spacy_processes, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code, force=force,
         )

@@ -22,9 +22,9 @@ from mta_cli.cache.layout import BYTES_PER_VALUE, FORMAT_VERSION, STATE_DTYPES, 
 from mta_cli.cache.store import CacheError, CacheWriter, check_output
 from mta_cli.encode import Encoded, encode_record
 from mta_cli.losses.schedule import default_teacher_layers
-from mta_cli.models import (ModelSource, hidden_size, load_causal_lm, load_tokenizer, n_layers,
+from mta_cli.models import (ModelSource, hidden_size, input_device, load_causal_lm, load_tokenizer, n_layers,
                             tokenizer_fingerprint, weights_fingerprint)
-from mta_cli.options import check_choice, check_number
+from mta_cli.options import check_choice, check_number, flag
 from mta_cli.records import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_records
 from mta_cli.segment import Segmenter, spans_to_token_ranges
 from mta_cli.losses.kd import LogitHead
@@ -48,6 +48,9 @@ class ExtractConfig:
     dtype: str = "bf16"
     teacher_dtype: str = "fp32"
     device: str = "auto"
+    device_map: str | None = None      # a teacher larger than one device: spread by accelerate (DEVICE_MAPS)
+    max_memory: str | None = None      # with device_map: "0=20GiB,1=20GiB,cpu=64GiB"
+    offload_folder: str | None = None  # with device_map: where weights that fit nowhere else go
     max_length: int = 512
     max_prompt_length: int = 256
     append_eos: bool = True
@@ -80,6 +83,57 @@ class ExtractConfig:
         check_choice(self, "words", WORD_MODES)
         if self.layers is not None and any(isinstance(l, bool) or not isinstance(l, int) for l in self.layers):
             raise ValueError(f"--layers must be layer numbers, got {self.layers}")
+        if self.device_map is None:
+            given = [f for f in ("max_memory", "offload_folder") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"{', '.join(flag(f) for f in given)} only apply with --device-map")
+        else:
+            check_choice(self, "device_map", DEVICE_MAPS)
+            if self.device != "auto":
+                raise ValueError(f"--device-map places the teacher over the devices itself; drop --device {self.device}")
+            if str(self.teacher).endswith(".gguf"):
+                raise ValueError(f"--teacher {self.teacher}: --device-map needs a model folder or hub name (a .gguf "
+                                 "file is de-quantised whole in memory); save it as an HF folder first")
+            parse_max_memory(self.max_memory)
+
+    @property
+    def placement(self) -> dict | None:
+        """accelerate's big-model loading options (`models.load_causal_lm`), or None for one device."""
+        if self.device_map is None:
+            return None
+        return {"device_map": self.device_map, "max_memory": parse_max_memory(self.max_memory),
+                "offload_folder": self.offload_folder}
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """"0=20GiB,1=20GiB,cpu=64GiB" -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"}: the most each device may hold of
+    the teacher (a GPU by index, cpu or mps); a ValueError that says what is wrong otherwise."""
+    if text is None:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    limits: dict = {}
+    for part in text.split(","):
+        device, sep, size = (x.strip() for x in part.partition("="))
+        try:
+            if not sep or convert_file_size_to_int(size) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--max-memory {text!r}: each entry is DEVICE=SIZE, e.g. 0=20GiB,cpu=64GiB "
+                             f"(got {part.strip()!r})") from None
+        if device.isdigit():
+            if int(device) >= torch.cuda.device_count():
+                raise ValueError(f"--max-memory {text!r}: GPU {device} is not there (this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s))")
+            limits[int(device)] = size
+        elif device in ("cpu", "mps"):
+            limits[device] = size
+        else:
+            raise ValueError(f"--max-memory {text!r}: {device!r} is no device; use a GPU index, cpu or mps")
+    return limits
 
 
 @dataclass
@@ -166,8 +220,8 @@ def checked_lens(model, head: LogitHead, input_ids: torch.Tensor) -> FinalNorm |
     norm for the logit lens, checked on a real intermediate state (None when no known form reproduces it)."""
     with torch.inference_mode():
         out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
-        recomputed = head(out.hidden_states[-1])
-    if not torch.allclose(recomputed.float(), out.logits.float(), rtol=1e-3, atol=1e-3):
+        recomputed = head(out.hidden_states[-1].to(head.weight.device))
+    if not torch.allclose(recomputed.float().cpu(), out.logits.float().cpu(), rtol=1e-3, atol=1e-3):
         raise CacheError("the teacher's logits are not reproduced by its output head (unsupported head type); "
                          "please report the model architecture")
     return final_norm(model, probe=out.hidden_states[len(out.hidden_states) // 2][0])
@@ -332,6 +386,9 @@ def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None 
     """
     started = time.perf_counter()
     ranks = distributed.launched()
+    if ranks.distributed and config.device_map:
+        raise ValueError("--device-map spreads one teacher over the devices of one process; under torchrun every "
+                         "rank takes one device: use one or the other")
     device = distributed.rank_device(config.device, ranks)
     check_output(config.out, config.force)
     with distributed.process_group(device) as ranks, ExitStack() as stack:
@@ -342,8 +399,11 @@ def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None 
             the_plan = plan(config)
             report("status", {"message": f"loading spaCy ({config.spacy_model})"})
             segmenter = Segmenter(config.spacy_model, words=config.words, n_process=config.spacy_processes)
-            report("status", {"message": f"loading the teacher {config.teacher} ({config.teacher_dtype}, {device})"})
-            model = load_causal_lm(config.teacher, config.teacher_dtype, str(device), config.trust_remote_code)
+            where = f"device map {config.device_map}" if config.device_map else device
+            report("status", {"message": f"loading the teacher {config.teacher} ({config.teacher_dtype}, {where})"})
+            model = load_causal_lm(config.teacher, config.teacher_dtype, str(device), config.trust_remote_code,
+                                   config.placement)
+            device = input_device(model)
             layers = resolve_layers(config.layers, n_layers(model))
             head = output_head(model)
             probe = torch.from_numpy(the_plan.samples[0].input_ids[None].astype(np.int64)).to(device)
