@@ -11,11 +11,11 @@ demo: setup
 	bash examples/quickstart.sh
 
 # Benchmarks (real teacher, ../shared/data/dolly); each prints a markdown table and writes
-# benchmarks/results/<name>.json. `make bench` runs all five.
+# benchmarks/results/<name>.json. `make bench` runs all six.
 BENCH = .venv/bin/python -m benchmarks
-.PHONY: bench bench-extract bench-footprint bench-train bench-loader bench-e2e bench-bases
+.PHONY: bench bench-extract bench-footprint bench-train bench-loader bench-e2e bench-bases bench-scale
 
-bench: bench-extract bench-footprint bench-train bench-loader bench-e2e
+bench: bench-extract bench-footprint bench-train bench-loader bench-e2e bench-scale
 
 bench-extract: setup
 	$(BENCH).extract_overhead
@@ -36,3 +36,6 @@ bench-e2e: setup
 # without MTA, beside srkl.
 bench-bases: setup
 	$(BENCH).bases_round
+
+bench-scale: setup
+	$(BENCH).scale

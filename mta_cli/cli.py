@@ -19,7 +19,7 @@ import typer
 from rich.progress import (BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from mta_cli import __version__
+from mta_cli import __version__, distributed
 from mta_cli.cache import inspect as cache_inspect
 from mta_cli.cli_eval import eval_command
 from mta_cli.cli_generate import generate_command
@@ -81,7 +81,15 @@ def extract(
     key_dtype: str = typer.Option(None, "--key-dtype", help="precision of the layers other than the last (which "
                                   "feeds the exact logits), e.g. int8 [default: --dtype]"),
     teacher_dtype: str = typer.Option("fp32", "--teacher-dtype", help="teacher compute precision: fp32, bf16, fp16"),
-    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda, cuda:1, ...; under "
+                               "torchrun each rank takes the GPU of its LOCAL_RANK"),
+    device_map: str = typer.Option(None, "--device-map", help="a teacher larger than one device: spread it over the "
+                                   "GPUs (then CPU memory, disk) with accelerate: auto, balanced, balanced_low_0 or "
+                                   "sequential"),
+    max_memory: str = typer.Option(None, "--max-memory", help="with --device-map: the most each device may hold, "
+                                   "e.g. 0=20GiB,1=20GiB,cpu=64GiB"),
+    offload_folder: str = typer.Option(None, "--offload-folder", help="with --device-map: a folder for the weights "
+                                       "that fit on no device"),
     max_length: int = typer.Option(512, "--max-length", min=2, help="tokens per sample, prompt + response"),
     max_prompt_length: int = typer.Option(256, "--max-prompt-length", min=1,
                                           help="prompt tokens kept (the prompt's end is kept)"),
@@ -113,8 +121,9 @@ def extract(
     with reported_errors():
         config = ExtractConfig(
             teacher=teacher, data=str(data), out=out_path, format=format, layers=parse_ints(layers, "--layers"), dtype=dtype,
-            key_dtype=key_dtype,
-            teacher_dtype=teacher_dtype, device=device, max_length=max_length, max_prompt_length=max_prompt_length,
+            key_dtype=key_dtype, teacher_dtype=teacher_dtype, device=device, device_map=device_map,
+            max_memory=max_memory, offload_folder=offload_folder, max_length=max_length,
+            max_prompt_length=max_prompt_length,
             batch_size=batch_size, shard_size=shard_size, top_k=top_k, spacy_model=spacy_model, words=words,
             spacy_processes=spacy_processes, skip_invalid=skip_invalid, trust_remote_code=trust_remote_code, force=force,
         )
@@ -123,7 +132,8 @@ def extract(
             return
         with ExtractProgress() as on_event:
             summary = run_extract(config, progress=on_event)
-    print_figures(asdict(summary), as_json, "mta extract")
+    if distributed.launched().main:  # under torchrun rank 0 speaks for the job
+        print_figures(asdict(summary), as_json, "mta extract")
 
 
 def dry_run_figures(config, plan, estimate_bytes) -> dict:
@@ -235,11 +245,15 @@ def train(
     grad_accum: int = typer.Option(1, "--grad-accum", min=1),
     epochs: int = typer.Option(1, "--epochs", min=1),
     max_steps: int = typer.Option(None, "--max-steps", min=1),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="the global batch: under torchrun each rank "
+                                   "trains on its share of it"),
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0, help="steps between checkpoints (0: none)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
-    device: str = typer.Option("auto", "--device"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda; under torchrun each "
+                               "rank takes the GPU of its LOCAL_RANK"),
+    fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun: shard the student over the ranks with FSDP2 "
+                              "instead of replicating it (DDP, the default)"),
     student_data: str = typer.Option("fixed", "--student-data", help="fixed: the --cache weights; adaptive: "
                                      "DistiLLM's share of student-generated caches, raised by 0.1 whenever the "
                                      "--dev-cache loss grew by --student-data-eps (needs --eval-every)"),
@@ -287,7 +301,7 @@ def train(
             teacher_layers=parse_ints(teacher_layers, "--teacher-layers"), word_layers=word_layers, lr=lr,
             projector_lr=projector_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             max_grad_norm=max_grad_norm, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume, device=device,
+            batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume, device=device, fsdp=fsdp,
             max_length=max_length, max_prompt_length=max_prompt_length, student_data=student_data,
             dev_cache=dev_cache, eval_every=eval_every, student_data_eps=student_data_eps,
             report_to=list(report_to or []),
@@ -305,6 +319,8 @@ def train(
             config = TrainConfig(objective=ObjectiveConfig(**objective), **options)
         with TrainProgress() as on_event:
             summary = run_train(config, progress=on_event)
+    if not distributed.launched().main:  # under torchrun rank 0 speaks for the job
+        return
     if as_json:
         out.print_json(json.dumps(asdict(summary)))
         return

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from mta_cli import distributed
 from mta_cli.cache.store import CacheError
 from mta_cli.models import ModelLoadError
 from mta_cli.records import DataError
@@ -48,15 +49,24 @@ def os_error_message(error: OSError) -> str:
 
 
 def fail(message: str) -> typer.Exit:
-    err.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+    """Print `message` as the error line (under torchrun prefixed with the rank that failed); exit code 1."""
+    ranks = distributed.launched()
+    where = f"[rank {ranks.rank}] " if ranks.distributed else ""
+    err.print(f"error: {where}{message}", style="red", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(1)
 
 
 @contextmanager
 def reported_errors(extra: tuple[type[BaseException], ...] = ()):
-    """Turn the errors a user can act on into one line on stderr and exit code 1 (traceback with --debug)."""
+    """Turn the errors a user can act on into one line on stderr and exit code 1 (traceback with --debug).
+
+    Under torchrun a rank that failed says why; of the ranks stopped by its failure only rank 0 repeats it."""
     try:
         yield
+    except distributed.RankFailed as e:
+        if distributed.launched().main:
+            raise fail(str(e)) from e
+        raise typer.Exit(1) from e
     except (*USER_ERRORS, *extra) as e:
         if debug:
             err.print_exception()
@@ -103,13 +113,14 @@ class EventProgress:
     `progress(event, info)` events: `with Sub() as on_event: run(..., progress=on_event)`.
 
     A "status" event (what is loading) is printed as a dim line; a subclass gives its `columns()` and handles
-    the other events in `handle`."""
+    the other events in `handle`. Under torchrun only rank 0 draws."""
 
     def columns(self) -> tuple:
         raise NotImplementedError
 
     def __enter__(self):
-        self.progress = Progress(*self.columns(), console=err, disable=not err.is_terminal)
+        self.shown = err.is_terminal and distributed.launched().main
+        self.progress = Progress(*self.columns(), console=err, disable=not self.shown)
         self.progress.__enter__()
         self.task = None
         return self.on_event
@@ -125,7 +136,7 @@ class EventProgress:
 
     def note(self, text: str, markup: bool = False) -> None:
         """A line above the bar, in a terminal only."""
-        if err.is_terminal:
+        if self.shown:
             self.progress.console.print(text, markup=markup, highlight=False)
 
     def __exit__(self, *exc):

@@ -10,20 +10,21 @@ from __future__ import annotations
 import errno
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from mta_cli import __version__
+from mta_cli import __version__, distributed
 from mta_cli.cache.layout import BYTES_PER_VALUE, FORMAT_VERSION, STATE_DTYPES, encode_states
 from mta_cli.cache.store import CacheError, CacheWriter, check_output
 from mta_cli.encode import Encoded, encode_record
 from mta_cli.losses.schedule import default_teacher_layers
-from mta_cli.models import (ModelSource, hidden_size, load_causal_lm, load_tokenizer, n_layers, resolve_device,
+from mta_cli.models import (ModelSource, hidden_size, input_device, load_causal_lm, load_tokenizer, n_layers,
                             tokenizer_fingerprint, weights_fingerprint)
-from mta_cli.options import check_choice, check_number
+from mta_cli.options import check_choice, check_number, flag
 from mta_cli.records import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_records
 from mta_cli.segment import Segmenter, spans_to_token_ranges
 from mta_cli.losses.kd import LogitHead
@@ -48,6 +49,9 @@ class ExtractConfig:
     key_dtype: str | None = None      # the layers other than the last; None: --dtype
     teacher_dtype: str = "fp32"
     device: str = "auto"
+    device_map: str | None = None      # a teacher larger than one device: spread by accelerate (DEVICE_MAPS)
+    max_memory: str | None = None      # with device_map: "0=20GiB,1=20GiB,cpu=64GiB"
+    offload_folder: str | None = None  # with device_map: where weights that fit nowhere else go
     max_length: int = 512
     max_prompt_length: int = 256
     append_eos: bool = True
@@ -81,6 +85,57 @@ class ExtractConfig:
         check_choice(self, "words", WORD_MODES)
         if self.layers is not None and any(isinstance(l, bool) or not isinstance(l, int) for l in self.layers):
             raise ValueError(f"--layers must be layer numbers, got {self.layers}")
+        if self.device_map is None:
+            given = [f for f in ("max_memory", "offload_folder") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"{', '.join(flag(f) for f in given)} only apply with --device-map")
+        else:
+            check_choice(self, "device_map", DEVICE_MAPS)
+            if self.device != "auto":
+                raise ValueError(f"--device-map places the teacher over the devices itself; drop --device {self.device}")
+            if str(self.teacher).endswith(".gguf"):
+                raise ValueError(f"--teacher {self.teacher}: --device-map needs a model folder or hub name (a .gguf "
+                                 "file is de-quantised whole in memory); save it as an HF folder first")
+            parse_max_memory(self.max_memory)
+
+    @property
+    def placement(self) -> dict | None:
+        """accelerate's big-model loading options (`models.load_causal_lm`), or None for one device."""
+        if self.device_map is None:
+            return None
+        return {"device_map": self.device_map, "max_memory": parse_max_memory(self.max_memory),
+                "offload_folder": self.offload_folder}
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """"0=20GiB,1=20GiB,cpu=64GiB" -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"}: the most each device may hold of
+    the teacher (a GPU by index, cpu or mps); a ValueError that says what is wrong otherwise."""
+    if text is None:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    limits: dict = {}
+    for part in text.split(","):
+        device, sep, size = (x.strip() for x in part.partition("="))
+        try:
+            if not sep or convert_file_size_to_int(size) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--max-memory {text!r}: each entry is DEVICE=SIZE, e.g. 0=20GiB,cpu=64GiB "
+                             f"(got {part.strip()!r})") from None
+        if device.isdigit():
+            if int(device) >= torch.cuda.device_count():
+                raise ValueError(f"--max-memory {text!r}: GPU {device} is not there (this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s))")
+            limits[int(device)] = size
+        elif device in ("cpu", "mps"):
+            limits[device] = size
+        else:
+            raise ValueError(f"--max-memory {text!r}: {device!r} is no device; use a GPU index, cpu or mps")
+    return limits
 
 
 @dataclass
@@ -98,8 +153,9 @@ class ExtractSummary:
     layers: list[int]
     seconds: float
     tokens_per_second: float          # extraction throughput: tokens / wall time of the shard loop
-    teacher_seconds: float
+    teacher_seconds: float            # teacher forward time, summed over the ranks
     bytes_written: int                # compressed bytes on disk of the shards written by this run
+    ranks: int = 1                    # processes that extracted (torchrun --nproc-per-node)
 
 
 @dataclass
@@ -167,8 +223,8 @@ def checked_lens(model, head: LogitHead, input_ids: torch.Tensor) -> FinalNorm |
     norm for the logit lens, checked on a real intermediate state (None when no known form reproduces it)."""
     with torch.inference_mode():
         out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
-        recomputed = head(out.hidden_states[-1])
-    if not torch.allclose(recomputed.float(), out.logits.float(), rtol=1e-3, atol=1e-3):
+        recomputed = head(out.hidden_states[-1].to(head.weight.device))
+    if not torch.allclose(recomputed.float().cpu(), out.logits.float().cpu(), rtol=1e-3, atol=1e-3):
         raise CacheError("the teacher's logits are not reproduced by its output head (unsupported head type); "
                          "please report the model architecture")
     return final_norm(model, probe=out.hidden_states[len(out.hidden_states) // 2][0])
@@ -326,38 +382,63 @@ def extract(config: ExtractConfig, progress: Callable[[str, dict], None] | None 
     reused_shards}), ("batch", {samples, tokens, bytes}) and ("shard", {index, samples, bytes}) so a CLI can
     draw a progress bar; the library prints nothing. The output is checked before the teacher is loaded;
     the cache is locked while it is written (one extraction per cache at a time).
-    """
-    report = progress or (lambda event, info: None)
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    check_output(config.out, config.force)
-    report("status", {"message": f"reading {config.data} and tokenizing with the teacher's tokenizer"})
-    the_plan = plan(config)
-    report("status", {"message": "loading spaCy" + ("" if config.spacy_model == "auto" else f" ({config.spacy_model})")})
-    segmenter = Segmenter(config.spacy_model, words=config.words, n_process=config.spacy_processes)
-    report("status", {"message": f"loading the teacher {config.teacher} ({config.teacher_dtype}, {device})"})
-    model = load_causal_lm(config.teacher, config.teacher_dtype, str(device), config.trust_remote_code)
-    layers = resolve_layers(config.layers, n_layers(model))
-    head = output_head(model)
-    norm = checked_lens(model, head, torch.from_numpy(the_plan.samples[0].input_ids[None].astype(np.int64)).to(device))
 
-    report("status", {"message": "fingerprinting the teacher's weights"})
-    meta = cache_metadata(config, the_plan, model, layers, segmenter)
-    meta["teacher"]["head"] = head_metadata(head, norm, config.teacher_dtype)
-    with CacheWriter(config.out, meta, force=config.force) as writer:
+    Under torchrun every rank runs this: rank 0 holds the lock, writes the root metadata and the head, and
+    alone reports progress (of all ranks: others' work arrives at each shard round); the shards to write
+    are dealt out round-robin (the k-th to rank k % world). Which samples form a shard depends on the data
+    and options only, so the cache is the same whatever the number of ranks, and a run stopped under N
+    ranks resumes under M. The cache is marked complete once every rank has written its shards.
+    """
+    started = time.perf_counter()
+    ranks = distributed.launched()
+    if ranks.distributed and config.device_map:
+        raise ValueError("--device-map spreads one teacher over the devices of one process; under torchrun every "
+                         "rank takes one device: use one or the other")
+    device = distributed.rank_device(config.device, ranks)
+    check_output(config.out, config.force)
+    with distributed.process_group(device) as ranks, ExitStack() as stack:
+        report = progress if progress is not None and ranks.main else (lambda event, info: None)
+        torch.manual_seed(config.seed)
+        with distributed.together(ranks):
+            report("status", {"message": f"reading {config.data} and tokenizing with the teacher's tokenizer"})
+            the_plan = plan(config)
+            named = "" if config.spacy_model == "auto" else f" ({config.spacy_model})"
+            report("status", {"message": f"loading spaCy{named}"})
+            segmenter = Segmenter(config.spacy_model, words=config.words, n_process=config.spacy_processes)
+            where = f"device map {config.device_map}" if config.device_map else device
+            report("status", {"message": f"loading the teacher {config.teacher} ({config.teacher_dtype}, {where})"})
+            model = load_causal_lm(config.teacher, config.teacher_dtype, str(device), config.trust_remote_code,
+                                   config.placement)
+            device = input_device(model)
+            layers = resolve_layers(config.layers, n_layers(model))
+            head = output_head(model)
+            probe = torch.from_numpy(the_plan.samples[0].input_ids[None].astype(np.int64)).to(device)
+            norm = checked_lens(model, head, probe)
+            report("status", {"message": "fingerprinting the teacher's weights"})
+            meta = cache_metadata(config, the_plan, model, layers, segmenter)
+            meta["teacher"]["head"] = head_metadata(head, norm, config.teacher_dtype)
+            if ranks.main:
+                writer = stack.enter_context(CacheWriter(config.out, meta, force=config.force))
         try:
-            writer.write_head(head_arrays(head, norm, config.teacher_dtype))
-            summary = _write_shards(config, the_plan, model, layers, head, segmenter, device, meta, writer, report)
+            with distributed.together(ranks):
+                if ranks.main:
+                    writer.write_head(head_arrays(head, norm, config.teacher_dtype))
+                else:
+                    writer = stack.enter_context(CacheWriter(config.out, meta, join=True))
+            todo = distributed.broadcast(ranks, [k for k in range(meta["n_shards"]) if not writer.shard_complete(k)]
+                                         if ranks.main else None)
+            summary = _write_shards(config, the_plan, model, layers, head, segmenter, device, meta, writer, report,
+                                    ranks, todo)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise CacheError(disk_full_message(config, the_plan, model, writer)) from None
             raise
         summary.seconds = time.perf_counter() - started
-        timing = {"seconds": summary.seconds, "tokens_per_second": summary.tokens_per_second}
-        if summary.shards_reused == summary.shards:  # nothing extracted now: keep the figures of the run that did
-            timing = writer.root.attrs["mta"].get("extraction", timing)
-        writer.finish({"extraction": timing})
+        if ranks.main:
+            timing = {"seconds": summary.seconds, "tokens_per_second": summary.tokens_per_second}
+            if summary.shards_reused == summary.shards:  # nothing extracted now: keep the figures of the run that did
+                timing = writer.root.attrs["mta"].get("extraction", timing)
+            writer.finish({"extraction": timing})
     return summary
 
 
@@ -373,17 +454,21 @@ def disk_full_message(config: ExtractConfig, the_plan: Plan, model, writer: Cach
 
 def _write_shards(config: ExtractConfig, the_plan: Plan, model, layers: list[int], head: LogitHead,
                   segmenter: Segmenter, device: torch.device, meta: dict, writer: CacheWriter,
-                  report: Callable[[str, dict], None]) -> ExtractSummary:
-    """The shard loop (module docstring): teacher batches, spaCy and writes overlapped; returns the summary."""
-    size = config.shard_size
-    shards = [(k, list(range(k * size, min((k + 1) * size, len(the_plan.samples)))))
-              for k in range(meta["n_shards"])]
-    todo = [(k, idx) for k, idx in shards if not writer.shard_complete(k)]
-    reused = len(shards) - len(todo)
-    todo_tokens = sum(len(the_plan.samples[i].input_ids) for _, idx in todo for i in idx)
-    report("start", {"samples": sum(len(idx) for _, idx in todo), "tokens": todo_tokens, "reused_shards": reused})
+                  report: Callable[[str, dict], None], ranks: distributed.Ranks, todo: list[int]) -> ExtractSummary:
+    """The shard loop (module docstring): teacher batches, spaCy and writes overlapped; returns the summary.
 
-    counters = {"tokens": 0, "bytes": 0, "teacher_seconds": 0.0}
+    This rank writes shards todo[rank], todo[rank + world], ...: one per round, the ranks meeting after each
+    round (`distributed.together`) to stop together on a failure and to add up their progress. A last round
+    waits for the last write, so every rank's shards are complete when this returns."""
+    size = config.shard_size
+    shards = {k: list(range(k * size, min((k + 1) * size, len(the_plan.samples)))) for k in range(meta["n_shards"])}
+    mine = todo[ranks.rank::ranks.world]
+    reused = len(shards) - len(todo)
+    report("start", {"samples": sum(len(shards[k]) for k in todo), "reused_shards": reused,
+                     "tokens": sum(len(the_plan.samples[i].input_ids) for k in todo for i in shards[k])})
+
+    counters = {"tokens": 0, "samples": 0, "bytes": 0, "teacher_seconds": 0.0}
+    totals = {"tokens": 0, "bytes": 0}  # every rank's, as of the last round
     pad_id = the_plan.tokenizer.pad_token_id if the_plan.tokenizer.pad_token_id is not None else 0
     with ThreadPoolExecutor(1, thread_name_prefix="mta-spacy") as parse_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="mta-write") as write_pool:
@@ -391,37 +476,57 @@ def _write_shards(config: ExtractConfig, the_plan: Plan, model, layers: list[int
             return parse_pool.submit(lambda: list(segmenter([the_plan.samples[i].text for i in idx],
                                                             [the_plan.samples[i].prompt_chars for i in idx])))
 
+        def on_batch(n_samples: int, n_tokens: int) -> None:
+            counters["tokens"] += n_tokens
+            counters["samples"] += n_samples
+            report("batch", {"samples": n_samples, "tokens": n_tokens, "bytes": totals["bytes"] + counters["bytes"]})
+
         loop_started = time.perf_counter()
         pending_write: Future | None = None
-        next_parse = parse_async(todo[0][1]) if todo else None
-        for position, (k, idx) in enumerate(todo):
-            parse = next_parse
-            if position + 1 < len(todo):
-                next_parse = parse_async(todo[position + 1][1])
-            samples = [the_plan.samples[i] for i in idx]
-
-            def on_batch(n_samples: int, n_tokens: int) -> None:
-                counters["tokens"] += n_tokens
-                report("batch", {"samples": n_samples, "tokens": n_tokens, "bytes": counters["bytes"]})
-
-            t0 = time.perf_counter()
-            states, topk = run_teacher(model, samples, config, layers, head, pad_id, device, on_batch)
-            counters["teacher_seconds"] += time.perf_counter() - t0
-            arrays = shard_arrays(samples, [the_plan.source_lines[i] for i in idx], parse.result(), states, topk)
-            if pending_write is not None:
-                pending_write.result()
-            attrs = {"n_samples": len(samples), "n_tokens": int(arrays["token_ptr"][-1]), "first_sample": idx[0]}
-            pending_write = write_pool.submit(write_and_count, writer, k, arrays, attrs, counters, report)
-        if pending_write is not None:
-            pending_write.result()
+        next_parse = parse_async(shards[mine[0]]) if mine else None
+        for position in range(-(-len(todo) // ranks.world) + 1):
+            reported = dict(counters)
+            with distributed.together(ranks) as round_:
+                if position < len(mine):
+                    k, idx = mine[position], shards[mine[position]]
+                    parse = next_parse
+                    if position + 1 < len(mine):
+                        next_parse = parse_async(shards[mine[position + 1]])
+                    samples = [the_plan.samples[i] for i in idx]
+                    t0 = time.perf_counter()
+                    states, topk = run_teacher(model, samples, config, layers, head, pad_id, device, on_batch)
+                    counters["teacher_seconds"] += time.perf_counter() - t0
+                    arrays = shard_arrays(samples, [the_plan.source_lines[i] for i in idx], parse.result(), states,
+                                          topk)
+                    if pending_write is not None:
+                        pending_write.result()
+                    attrs = {"n_samples": len(samples), "n_tokens": int(arrays["token_ptr"][-1]),
+                             "first_sample": idx[0]}
+                    pending_write = write_pool.submit(write_and_count, writer, k, arrays, attrs, counters, report)
+                elif pending_write is not None:
+                    pending_write.result()
+                    pending_write = None
+                round_.value = {key: counters[key] - reported[key] for key in ("tokens", "samples", "bytes")}
+            others = [value for rank, value in enumerate(round_.values) if rank != ranks.rank]
+            totals["tokens"] += sum(v["tokens"] for v in others)
+            totals["bytes"] += sum(v["bytes"] for v in others)
+            if others and any(v["tokens"] for v in others):
+                report("batch", {"samples": sum(v["samples"] for v in others),
+                                 "tokens": sum(v["tokens"] for v in others),
+                                 "bytes": totals["bytes"] + counters["bytes"]})
         loop_seconds = time.perf_counter() - loop_started
 
+    figures = {"tokens": counters["tokens"], "bytes": counters["bytes"], "teacher_seconds": counters["teacher_seconds"]}
+    with distributed.together(ranks) as final:
+        final.value = figures
+    tokens = sum(v["tokens"] for v in final.values)
     return ExtractSummary(
         out=str(config.out), samples=len(the_plan.samples), tokens=the_plan.n_tokens, shards=len(shards),
         shards_reused=reused, skipped_invalid=len(the_plan.dataset.skipped), dropped_no_response=the_plan.dropped,
         truncated=the_plan.truncated, layers=layers, seconds=0.0,
-        tokens_per_second=counters["tokens"] / loop_seconds if counters["tokens"] else 0.0,
-        teacher_seconds=counters["teacher_seconds"], bytes_written=counters["bytes"],
+        tokens_per_second=tokens / loop_seconds if tokens else 0.0,
+        teacher_seconds=sum(v["teacher_seconds"] for v in final.values),
+        bytes_written=sum(v["bytes"] for v in final.values), ranks=ranks.world,
     )
 
 

@@ -113,8 +113,12 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(spec: str, dtype: str | torch.dtype = "fp32", device: str = "cpu", trust_remote_code: bool = False):
-    """Load any causal LM in `dtype` on `device`, in eval mode, GGUF files de-quantised and rebuilt."""
+def load_causal_lm(spec: str, dtype: str | torch.dtype = "fp32", device: str = "cpu", trust_remote_code: bool = False,
+                   placement: dict | None = None):
+    """Load any causal LM in `dtype` on `device`, in eval mode, GGUF files de-quantised and rebuilt.
+
+    `placement` ({"device_map", "max_memory", "offload_folder"}) spreads a model larger than one device over
+    several (GPUs, CPU memory, disk) with accelerate's big-model loading instead; `device` is then unused."""
     from transformers import AutoModelForCausalLM
 
     src = ModelSource.parse(spec)
@@ -122,13 +126,45 @@ def load_causal_lm(spec: str, dtype: str | torch.dtype = "fp32", device: str = "
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src.path, gguf_file=src.gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            local_files_only=not downloads_allowed(),
+            local_files_only=not downloads_allowed(), **(placement or {}),
         )
     except (OSError, ValueError) as e:
         raise src.load_error("model", e) from None
+    if placement:
+        return model.eval()
     if src.gguf_file:
         model = materialize(model)
     return model.to(device=resolve_device(device), dtype=torch_dtype).eval()
+
+
+def input_device(model) -> torch.device:
+    """Where the model takes its input ids: its embeddings' execution device (accelerate's, with a device map)."""
+    embeddings = model.get_input_embeddings()
+    execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    if execution is not None:
+        return torch.device(f"cuda:{execution}" if isinstance(execution, int) else execution)
+    return embeddings.weight.device
+
+
+def full_state_dict(model) -> dict:
+    """The model's state dict with every tensor in memory: weights accelerate offloaded (device map with "cpu" or
+    "disk" entries) are loaded into CPU memory, so that they can be read (fingerprinted)."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+        return get_state_dict_offloaded_model(model)
+    return model.state_dict()
+
+
+def own_tensors(module, names: tuple[str, ...]) -> list[torch.Tensor | None]:
+    """The module's tensors `names` (None where absent), detached, in memory on its execution device: copies of
+    weights accelerate offloaded, the module's own tensors otherwise."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    if not has_offloaded_params(module):
+        return [None if getattr(module, n, None) is None else getattr(module, n).detach() for n in names]
+    with align_module_device(module):
+        return [None if getattr(module, n, None) is None else getattr(module, n).detach().clone() for n in names]
 
 
 def materialize(model):
@@ -159,7 +195,7 @@ def weights_fingerprint(model, dtype: str | torch.dtype | None = None) -> str:
     checkpoint loaded in fp32 for training give the same fingerprint."""
     rounding = None if dtype is None else resolve_dtype(dtype)
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(full_state_dict(model).items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         t = t.detach().to("cpu")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from mta_cli.losses.kd import LogitHead
+from mta_cli.models import own_tensors
 
 
 def output_head(model, detach: bool = True) -> LogitHead:
@@ -25,9 +26,10 @@ def output_head(model, detach: bool = True) -> LogitHead:
     if getattr(config, "logits_scaling", None):
         scale = 1.0 / float(config.logits_scaling)
     softcap = getattr(config, "final_logit_softcapping", None)
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if detach:
-        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    if detach:  # a teacher's: in memory also where a device map offloaded it
+        weight, bias = own_tensors(head, ("weight", "bias"))
+    else:
+        weight, bias = head.weight, getattr(head, "bias", None)
     return LogitHead(weight, bias, scale, float(softcap) if softcap else None)
 
 
@@ -54,7 +56,7 @@ def teacher_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     states = {layer: out.hidden_states[layer] for layer in layers}
     if not top_k:
         return TeacherOutput(states)
-    logprobs = torch.log_softmax(head(out.hidden_states[-1]).float(), dim=-1)
+    logprobs = torch.log_softmax(head(out.hidden_states[-1].to(head.weight.device)).float(), dim=-1)
     values, ids = logprobs.topk(top_k, dim=-1)
     rest = (1.0 - values.exp().sum(-1)).clamp_min(0.0)
     return TeacherOutput(states, ids.to(torch.int32), values, rest)

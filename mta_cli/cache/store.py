@@ -20,7 +20,7 @@ import zarr
 
 from mta_cli.cache.integrity import confirm_written
 from mta_cli.cache.layout import FORMAT_VERSION, INNER_CHUNK_ROWS, compressors, shard_name
-from mta_cli.cache.lock import CacheLock, LockedError, local_path
+from mta_cli.cache.lock import LockedError, cache_lock, local_path
 from mta_cli.outputs import check_folder
 
 
@@ -90,20 +90,25 @@ def _clear(url: str) -> None:
 
 class CacheWriter:
     """Creates a cache, or resumes one written with the identical `meta["config"]`; holds the cache's lock
-    (local caches) until `close`.
+    (`cache.lock`) until `close`.
 
     `meta` is the full root metadata; `meta["config"]` holds everything that decides the cache's
-    content and must match on resume. `force` replaces whatever is at `url` instead.
+    content and must match on resume. `force` replaces whatever is at `url` instead. `join` only opens a
+    cache that another process of the same job opened, locked and checked (rank 0 under torchrun), to
+    write shards into it.
     """
 
-    def __init__(self, url: str, meta: dict[str, Any], force: bool = False):
+    def __init__(self, url: str, meta: dict[str, Any], force: bool = False, join: bool = False):
         self.url = str(url)
-        check_output(self.url, force)
         self._exit = ExitStack()
+        if join:
+            self.root = open_root(self.url, mode="a")
+            return
+        check_output(self.url, force)
         folder = local_path(self.url)
         try:
+            self._exit.enter_context(cache_lock(self.url))
             if folder is not None:
-                self._exit.enter_context(CacheLock(folder))
                 for stale in folder.rglob("*.partial"):  # left by a write that was killed; no writer is active
                     stale.unlink(missing_ok=True)
             if force:

@@ -32,12 +32,14 @@ def skew_reverse_kl_detached(ls: Tensor, lt: Tensor, lam: float = 0.1) -> Tensor
     return _kl(ls, _log_mix(ls.detach(), lt, lam))
 
 
-def sequence_weights(targets: Tensor) -> Tensor:
+def sequence_weights(targets: Tensor, sequences: float | None = None) -> Tensor:
     """Per-target-position weights [N] that turn a sum over positions into the mean over sequences of each
-    sequence's mean over its positions. targets [B, T] bool."""
+    sequence's mean over its positions. targets [B, T] bool; `sequences` replaces the number of sequences
+    with targets as the divisor (data parallelism, see `kd_loss`'s `denominator`)."""
     per_sequence = targets.sum(dim=1)                                   # [B]
     rows = targets.nonzero()[:, 0]                                      # [N], row-major as `x[targets]`
-    sequences = (per_sequence > 0).sum()
+    if sequences is None:
+        sequences = (per_sequence > 0).sum()
     return 1.0 / (per_sequence[rows] * sequences).to(torch.float64)  # exact; cast where it is used
 
 
@@ -48,10 +50,11 @@ def beta_at(progress: float, beta: float = 1.0, gradual: bool = False) -> float:
 
 def distillm2_loss(student_hidden: Tensor, student_head: LogitHead, teacher_hidden: Tensor, teacher_head: LogitHead,
                    labels: Tensor, weights: Tensor, student_generated: bool, beta: float = 1.0,
-                   skew_lambda: float = 0.1, temperature: float = 1.0, chunk_size: int = 1024) -> dict[str, Tensor]:
+                   skew_lambda: float = 0.1, temperature: float = 1.0, chunk_size: int = 1024,
+                   denominator: float | None = None) -> dict[str, Tensor]:
     """The batch's term of the module docstring. student_hidden [N, dS], teacher_hidden [N, dT], labels [N] of the
     N target positions, weights [N] from `sequence_weights`. Returns {"loss", "kd"} (kd: the term before its
-    factor) and "ce" (reported, not trained)."""
+    factor) and "ce" (reported, not trained; its sum over `denominator` when given, else over N)."""
     n = labels.numel()
     factor = beta if student_generated else 2.0 - beta
     divergence = skew_reverse_kl_detached if student_generated else skew_forward_kl
@@ -70,4 +73,4 @@ def distillm2_loss(student_hidden: Tensor, student_head: LogitHead, teacher_hidd
     combined, sums = chunked_sums(chunk_sums, student_head, coef, n, chunk_size, [student_hidden], labels,
                                   teacher_hidden, weights)
     total = combined if combined is not None else sums[1] * factor
-    return {"loss": total, "ce": sums[0] / n, "kd": sums[1]}
+    return {"loss": total, "ce": sums[0] / (n if denominator is None else denominator), "kd": sums[1]}

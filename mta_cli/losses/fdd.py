@@ -58,20 +58,21 @@ def fdd_sums(student_logits: list[Tensor], teacher_logits: list[Tensor], labels:
 def fdd_loss(student_states: list[Tensor], student_head: LogitHead, teacher_states: list[Tensor],
              teacher_head: LogitHead, labels: Tensor, alpha: float, temperature: float, feature_weight: float = 1.0,
              delta_weight: float = 1.0, divergence: str = "fkl", chunk_size: int = 1024, skew_lambda: float = 0.1,
-             akl_mu: float = 0.5) -> dict[str, Tensor]:
+             akl_mu: float = 0.5, denominator: float | None = None) -> dict[str, Tensor]:
     """FDD (module docstring) from normed states at the K paired layers.
 
     student_states: K tensors [N, dS] (norm_S applied; gradients reach them and the student head),
     teacher_states: K tensors [N, dT] (norm_T applied), labels [N] of the N target positions.
     Returns {"loss", "ce", "kd", "fdd_traj", "fdd_delta"}: the total and each term's mean per position
-    (trajectory and delta also averaged over the K - 1 layers)."""
+    (trajectory and delta also averaged over the K - 1 layers); `denominator` replaces N as in `kd_loss`."""
     _check(divergence, alpha, temperature)
     if divergence not in DIVERGENCES or len(student_states) != len(teacher_states) or not student_states:
         raise ValueError("FDD needs a divergence and the same number (>= 1) of student and teacher layers")
     n, k = labels.numel(), len(student_states)
+    d = n if denominator is None else denominator
     dtype = torch.promote_types(student_states[0].dtype, torch.float32)
     layers = max(k - 1, 1)
-    coef = torch.tensor([(1 - alpha) / n, alpha / n, feature_weight / (n * layers), delta_weight / (n * layers)],
+    coef = torch.tensor([(1 - alpha) / d, alpha / d, feature_weight / (d * layers), delta_weight / (d * layers)],
                         dtype=dtype)
     bound = bound_divergence(divergence, skew_lambda, akl_mu)
 
@@ -82,6 +83,6 @@ def fdd_loss(student_states: list[Tensor], student_head: LogitHead, teacher_stat
 
     combined, sums = chunked_sums(chunk_sums, student_head, coef, n, max(1, chunk_size // k), student_states, labels,
                                   *teacher_states)
-    means = sums / torch.tensor([n, n, n * layers, n * layers], dtype=sums.dtype)
+    means = sums / torch.tensor([d, d, d * layers, d * layers], dtype=sums.dtype)
     total = combined if combined is not None else (sums * coef.to(sums.dtype)).sum()
     return {"loss": total, "ce": means[0], "kd": means[1], "fdd_traj": means[2], "fdd_delta": means[3]}

@@ -9,7 +9,9 @@ recomputed in backward.
 
 Conventions shared by every loss here:
 - positions are flat: the caller passes only response positions, already shifted (`labels[i]` is
-  the token that position i predicts); each reported loss is the MEAN over those N positions;
+  the token that position i predicts); each reported loss is the MEAN over those N positions, or the
+  sum divided by `denominator` when given (data parallelism: this rank's share of a global batch
+  divides by the global N over the number of ranks, so that the ranks' mean is the global mean);
 - CE uses the true labels at temperature 1; the divergence uses logits / temperature for both
   models and is NOT multiplied by T² (as in DistiLLM);
 - "sft" is CE alone, any key of `DIVERGENCES` is (1 - α) CE + α D.
@@ -231,29 +233,32 @@ def kd_loss(
     chunk_size: int = 1024,
     skew_lambda: float = 0.1,
     akl_mu: float = 0.5,
+    denominator: float | None = None,
     compile: bool = False,
 ) -> dict[str, Tensor]:
     """The base loss from last hidden states, with logits computed chunk by chunk (see module docstring).
 
     student_hidden [N, dS], teacher_hidden [N, dT] (None for "sft"), labels [N].
     Gradients reach student_hidden and the student head's tensors; the teacher side runs under no_grad.
-    Returns what `kd_loss_from_logits` returns for the full logits. `compile` uses `compiled_sums`.
+    Returns what `kd_loss_from_logits` returns for the full logits (sums over `denominator` when given).
+    `compile` uses `compiled_sums`.
     """
     _check(loss, alpha, temperature)
     divergence = bound_divergence(loss, skew_lambda, akl_mu) if loss != "sft" else None
-    sums = compiled_sums() if compile else _sums
+    term_sums = compiled_sums() if compile else _sums
 
     def chunk_sums(head: LogitHead, s_hidden: Tensor, t_hidden: Tensor | None, chunk_labels: Tensor) -> Tensor:
         if divergence is None:
-            return sums(head(s_hidden), chunk_labels, None, temperature)
+            return term_sums(head(s_hidden), chunk_labels, None, temperature)
         with torch.no_grad():
             t_logp = _teacher_logp(teacher_head(t_hidden), temperature)
-        return sums(head(s_hidden), chunk_labels, divergence, temperature, (t_logp,))
+        return term_sums(head(s_hidden), chunk_labels, divergence, temperature, (t_logp,))
 
     n = labels.numel()
-    coef = _coefficients(loss, alpha, n, torch.promote_types(student_hidden.dtype, torch.float32))
+    d = n if denominator is None else denominator
+    coef = _coefficients(loss, alpha, d, torch.promote_types(student_hidden.dtype, torch.float32))
     combined, sums = _chunked(chunk_sums, student_head, coef, n, chunk_size, student_hidden, teacher_hidden, labels)
-    return _reduce(sums, n, loss, alpha, combined)
+    return _reduce(sums, d, loss, alpha, combined)
 
 
 def topk_kd_loss(
@@ -267,6 +272,7 @@ def topk_kd_loss(
     alpha: float,
     temperature: float,
     chunk_size: int = 1024,
+    denominator: float | None = None,
 ) -> dict[str, Tensor]:
     """`kd_loss` for a cache that holds sparse teacher log-probs instead of the teacher's states and head.
 
@@ -286,7 +292,8 @@ def topk_kd_loss(
         return _sums(head(s_hidden), chunk_labels, divergence, temperature, (ids, logprobs, rest))
 
     n = labels.numel()
-    coef = _coefficients(loss, alpha, n, torch.promote_types(student_hidden.dtype, torch.float32))
+    d = n if denominator is None else denominator
+    coef = _coefficients(loss, alpha, d, torch.promote_types(student_hidden.dtype, torch.float32))
     combined, sums = _chunked(chunk_sums, student_head, coef, n, chunk_size, student_hidden, topk_ids,
                               topk_logprobs, rest_mass, labels)
-    return _reduce(sums, n, loss, alpha, combined)
+    return _reduce(sums, d, loss, alpha, combined)

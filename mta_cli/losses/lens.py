@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mta_cli.models import own_tensors
+
 NORM_KINDS = ("rms", "rms_offset", "layer")
 NORM_ATTRIBUTES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
@@ -60,13 +62,12 @@ def final_norm(model, probe: Tensor | None = None) -> FinalNorm | None:
         module = final_norm_module(model)
     except ValueError:
         return None
-    weight = getattr(module, "weight", None)
-    if weight is None:
+    if getattr(module, "weight", None) is None:
         return None
     eps = next((float(getattr(module, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(module, a)), None)
     if eps is None:
         return None
-    bias = getattr(module, "bias", None)
+    weight, bias = own_tensors(module, ("weight", "bias"))  # in memory also where a device map offloaded them
     d = weight.shape[-1]
     if probe is None:
         probe = torch.randn(16, d, generator=torch.Generator().manual_seed(0), dtype=weight.dtype) * 3
@@ -74,7 +75,7 @@ def final_norm(model, probe: Tensor | None = None) -> FinalNorm | None:
     with torch.no_grad():
         expected = module(probe)
         for kind in NORM_KINDS:
-            candidate = FinalNorm(kind, weight.detach(), None if bias is None else bias.detach(), eps)
+            candidate = FinalNorm(kind, weight, bias, eps)
             if torch.allclose(candidate(probe), expected, rtol=1e-5, atol=1e-5):
                 return candidate
     return None

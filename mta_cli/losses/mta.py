@@ -14,6 +14,7 @@ Everything derived from weights runs in float32 (or float64 if the states are).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,14 +112,17 @@ def hid_loss_spans(u_s: Tensor, u_t: Tensor, projector: nn.Linear, omega: Tensor
     return (omega.detach() * _projected_cosine_distance(projector, u_s, u_t)).sum()
 
 
-def mean_over_valid(values: list[Tensor], valid: list[Tensor]) -> Tensor:
+def mean_over_valid(values: list[Tensor], valid: list[Tensor], counts: Callable[[Tensor], Tensor] | None = None
+                    ) -> Tensor:
     """Mean over key layers of each layer's mean over the samples that count, without a host sync.
 
     values, valid: one [B] tensor per key layer (valid: 1.0 where the sample contributes). A layer with no
-    valid sample is left out of the layer mean; no valid sample at all gives 0."""
+    valid sample is left out of the layer mean; no valid sample at all gives 0. `counts` maps the batch's
+    per-layer counts [L] to those the sums are divided by (data parallelism: the global counts over the
+    number of ranks, see `kd_loss`'s `denominator`)."""
     values, valid = torch.stack(values), torch.stack(valid)   # [L, B]
-    counts = valid.sum(dim=1)                                 # [L]
-    per_layer = (values * valid).sum(dim=1) / counts.clamp_min(1)
+    counts = valid.sum(dim=1) if counts is None else counts(valid.sum(dim=1))   # [L]
+    per_layer = (values * valid).sum(dim=1) / torch.where(counts > 0, counts, torch.ones_like(counts))
     layers = (counts > 0).to(per_layer.dtype)
     return (per_layer * layers).sum() / layers.sum().clamp_min(1)
 
@@ -175,6 +179,7 @@ class MTALoss(nn.Module):
         spans: list[dict[str, Tensor]],
         teacher_mask: Tensor | None = None,
         teacher_spans: list[dict[str, Tensor]] | None = None,
+        counts: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """student_states {layer: [B, T, dS]}, teacher_states {layer: [B, T', dT]}, mask [B, T] bool,
         spans: per sample {"word": [Kw, 2], "phrase": [Kp, 2]} token ranges.
@@ -183,8 +188,8 @@ class MTALoss(nn.Module):
         passes `teacher_mask` [B, T'] and `teacher_spans` (the same spans, in the same order, as
         teacher token ranges): student spans are then pooled with the student's weights, a span
         counts only where both models have a token of it, and Hid compares span representations.
-        Returns scalars "dsa" and "hid" (unweighted, averaged as the class docstring says) and
-        "mta" = λ_dsa dsa + λ_hid hid.
+        Returns scalars "dsa" and "hid" (unweighted, averaged as the class docstring says; `counts` as in
+        `mean_over_valid`) and "mta" = λ_dsa dsa + λ_hid hid.
         """
         cross = teacher_spans is not None
         teacher_mask = teacher_mask if cross else mask
@@ -227,6 +232,6 @@ class MTALoss(nn.Module):
             if self.use_hid:
                 hid_values.append(torch.stack(layer_hid))
                 hid_valid.append(torch.stack(layer_hid_valid))
-        dsa = mean_over_valid(dsa_values, dsa_valid) if dsa_values else zero
-        hid = mean_over_valid(hid_values, hid_valid) if hid_values else zero
+        dsa = mean_over_valid(dsa_values, dsa_valid, counts) if dsa_values else zero
+        hid = mean_over_valid(hid_values, hid_valid, counts) if hid_values else zero
         return {"dsa": dsa, "hid": hid, "mta": self.lambda_dsa * dsa + self.lambda_hid * hid}

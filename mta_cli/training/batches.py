@@ -9,7 +9,8 @@ the last batch of a window may be smaller than --batch-size); the window's sampl
 sorted by length in runs of 32 batches (length bucketing: little padding), cut into batches, and the
 batches shuffled. The plan depends only on (seed,
 epoch, shard sizes), so a resumed run continues exactly where it stopped. A background thread
-reads and decodes the next window while the current one trains.
+reads and decodes the next window while the current one trains. Under torchrun every rank follows the
+same plan, reads the same windows and collates only its share of each global batch (`rank_share`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Batch:
     topk: dict[str, torch.Tensor] | None = None  # cache with --top-k: ids [B, T, k], logprobs [B, T, k], rest [B, T]
     role: str = "dataset"   # whose responses: "dataset", "teacher" or "student" (see training.mixing)
     source: int = 0         # which of the run's caches the batch comes from
+    weight: float = 1.0     # 0: a stand-in, for a rank whose share of a global batch is empty (it must step too)
 
     @property
     def n_tokens(self) -> int:
@@ -64,7 +66,7 @@ class Batch:
                      spans_to(self.spans), self.sample_indices,
                      None if self.teacher_mask is None else self.teacher_mask.to(device), spans_to(self.teacher_spans),
                      None if self.topk is None else {k: v.to(device) for k, v in self.topk.items()}, self.role,
-                     self.source)
+                     self.source, self.weight)
 
 
 def _pad(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,13 +154,22 @@ def bucketed_batches(indices: np.ndarray, lengths: np.ndarray, batch_size: int,
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def rank_share(batch: list[int], rank: int, world: int) -> tuple[list[int], float]:
+    """Rank `rank`'s contiguous share of a global batch of sample indices (the shares differ in size by one at
+    most) and its weight: 1, or 0 with the batch's first sample as a stand-in when the share is empty (a
+    global batch smaller than the number of ranks; every rank must take part in each step)."""
+    share = batch[len(batch) * rank // world:len(batch) * (rank + 1) // world]
+    return (share, 1.0) if share else (batch[:1], 0.0)
+
+
 class CacheBatches:
-    """Deterministic, resumable, prefetching batches from a cache (see module docstring)."""
+    """Deterministic, resumable, prefetching batches from a cache (see module docstring); `part` = (rank, world)
+    collates only that rank's share of each batch."""
 
     def __init__(self, reader: CacheReader, batch_size: int, layers: list[int], seed: int, pad_id: int,
-                 window: int = 2, prefetch: bool = True, student_tokenizer=None):
+                 window: int = 2, prefetch: bool = True, student_tokenizer=None, part: tuple[int, int] = (0, 1)):
         self.reader, self.batch_size, self.layers = reader, batch_size, layers
-        self.student_tokenizer = student_tokenizer
+        self.student_tokenizer, self.part = student_tokenizer, part
         self.seed, self.pad_id, self.prefetch = seed, pad_id, prefetch
         reader.check_layers(layers)
         self.lengths = [reader.sample_lengths(p) for p in range(len(reader.shard_indices))]
@@ -196,8 +207,10 @@ class CacheBatches:
             ((self._load_window(p), b) for p, b in todo)
         for shards, batches in windows:
             for batch in batches:
-                samples = [self._sample(shards, i) for i in batch]
-                yield collate(samples, self.pad_id, self.student_tokenizer)
+                share, weight = rank_share(batch, *self.part)
+                collated = collate([self._sample(shards, i) for i in share], self.pad_id, self.student_tokenizer)
+                collated.weight = weight
+                yield collated
 
     def _sample(self, shards: dict[int, ShardData], index: int) -> CachedSample:
         for shard in shards.values():

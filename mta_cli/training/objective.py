@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mta_cli.losses import DIVERGENCES, LOSSES, LogitHead, MTALoss, auto_chunk_size, kd_loss, topk_kd_loss
 from mta_cli.losses.distillm2 import beta_at, distillm2_loss, sequence_weights
@@ -92,7 +93,15 @@ class Objective(nn.Module):
 
     forward(student, batch) -> {"loss": total, "ce", "kd", "fdd_traj", "fdd_delta", "dsa", "hid"} (components
     present when used).
+
+    Under data parallelism each rank holds a share of a global batch, and every loss is a mean over the whole
+    global batch (target tokens, sequences, contributing samples per key layer). `share` then maps each of
+    this rank's counts to the global count over the number of ranks (`training.parallel.global_share`):
+    every rank divides its sums by that, so the ranks' mean of any component, and of the gradients (what DDP
+    and FSDP take), is the value of the global batch in one process. None: one process, local counts.
     """
+
+    share: Callable[[Tensor], Tensor] | None = None
 
     def __init__(self, config: ObjectiveConfig, teacher_head: LogitHead | None, teacher_last_layer: int | None,
                  student_dim: int, teacher_dim: int | None, teacher_norm: FinalNorm | None = None,
@@ -124,40 +133,45 @@ class Objective(nn.Module):
         out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
                       use_cache=False, logits_to_keep=1)
         targets = batch.labels != -100
+        counts = None if self.share is None else (lambda count: self.share(count * batch.weight))
+        tokens = None if counts is None else float(counts(targets.sum().double()))
         needs_teacher = c.loss != "sft"
         if needs_teacher and batch.teacher_mask is not None:
             raise ValueError(f"--loss {c.loss} compares token distributions position by position and needs the "
                              "teacher's tokenizer; with another tokenizer use --loss sft (MTA still applies)")
         student_hidden, labels = out.hidden_states[-1][targets], batch.labels[targets]
         if c.loss == "fdd":
-            losses = self.fdd(student, out.hidden_states, batch, targets, labels)
+            losses = self.fdd(student, out.hidden_states, batch, targets, labels, tokens)
         elif c.loss == "distillm2":
+            sequences = None if counts is None else float(counts(targets.any(dim=1).sum().double()))
             losses = distillm2_loss(student_hidden, student_head(student),
                                     batch.teacher_states[self.teacher_last_layer][targets], self.teacher_head, labels,
-                                    sequence_weights(targets), batch.role == "student",
+                                    sequence_weights(targets, sequences), batch.role == "student",
                                     beta_at(progress, c.distillm2_beta, c.distillm2_gradual), c.skew_lambda,
-                                    c.temperature, self.chunk_size)
+                                    c.temperature, self.chunk_size, tokens)
         elif c.topk:
             topk = {k: v[targets] for k, v in batch.topk.items()}
             losses = topk_kd_loss(student_hidden, student_head(student), topk["ids"], topk["logprobs"], topk["rest"],
-                                  labels, c.loss, c.kd_alpha, c.temperature, self.chunk_size)
+                                  labels, c.loss, c.kd_alpha, c.temperature, self.chunk_size, tokens)
         else:
             teacher_hidden = batch.teacher_states[self.teacher_last_layer][targets] if needs_teacher else None
             losses = kd_loss(student_hidden, student_head(student), teacher_hidden,
                              self.teacher_head if needs_teacher else None, labels, c.loss, c.kd_alpha, c.temperature,
-                             self.chunk_size, c.skew_lambda, c.akl_mu, c.compile_loss)
+                             self.chunk_size, c.skew_lambda, c.akl_mu, tokens, c.compile_loss)
         if self.mta is not None:
             student_states = {s: out.hidden_states[s] for s, _, _ in c.key_layers}
             teacher_states = {t: batch.teacher_states[t] for _, t, _ in c.key_layers}
             teacher_mask = None if batch.teacher_mask is None else batch.teacher_mask.bool()
             mta = self.mta(student_states, teacher_states, batch.attention_mask.bool(), batch.spans,
-                           teacher_mask, batch.teacher_spans)
+                           teacher_mask, batch.teacher_spans, counts)
             losses.update(dsa=mta["dsa"], hid=mta["hid"])
             losses["loss"] = losses["loss"] + self.mta_scale * mta["mta"]
+        if batch.weight != 1:  # a stand-in batch (`Batch.weight`) adds nothing
+            losses = {k: v * batch.weight for k, v in losses.items()}
         return losses
 
-    def fdd(self, student, hidden_states: tuple, batch: Batch, targets: torch.Tensor,
-            labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fdd(self, student, hidden_states: tuple, batch: Batch, targets: torch.Tensor, labels: torch.Tensor,
+            tokens: float | None = None) -> dict[str, torch.Tensor]:
         """FDD over the key-layer pairs plus the final pair: lens inputs normed as the models norm their last
         layer (hidden_states[N] already is)."""
         c = self.config
@@ -169,4 +183,4 @@ class Objective(nn.Module):
                            self.teacher_norm(batch.teacher_states[t]))[targets] for _, t in pairs]
         return fdd_loss(student_states, student_head(student), teacher_states, self.teacher_head, labels, c.kd_alpha,
                         c.temperature, c.fdd_feature_weight, c.fdd_delta_weight, c.fdd_divergence, self.chunk_size,
-                        c.skew_lambda, c.akl_mu)
+                        c.skew_lambda, c.akl_mu, tokens)

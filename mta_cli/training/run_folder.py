@@ -21,7 +21,7 @@ LOGS = (TENSORBOARD_DIR, "wandb")  # folders of --report-to
 FIRST_ATTEMPT_FILES = {"metrics.jsonl", RECORD, "checkpoints", *LOGS}
 # Options a resumed run may change: they extend or relocate the run (a copied run folder resumes too) without
 # changing what one step does.
-RESUMABLE = ("max_steps", "epochs", "checkpoint_every", "device", "report_to", "out", "resume")
+RESUMABLE = ("max_steps", "epochs", "checkpoint_every", "device", "fsdp", "report_to", "out", "resume")
 PATH_FIELDS = ("out", "cache", "teacher", "data", "student", "student_config")
 
 

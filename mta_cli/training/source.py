@@ -199,12 +199,13 @@ class Source:
         """The teacher layers a batch carries: `teacher_layers` and the last (the logits); none without a teacher."""
         return sorted({self.n_teacher} | set(teacher_layers)) if self.kind != "data" else []
 
-    def batches(self, tokenizer, layers: list[int], own_tokenizer: bool):
+    def batches(self, tokenizer, layers: list[int], own_tokenizer: bool, part: tuple[int, int] = (0, 1)):
+        """The run's batches; `part` = (rank, world): this rank's share of each global batch (offline only)."""
         c = self.config
         if self.cached:
             teacher_pad = self.reader.meta["tokenizer"]["pad_token_id"] or 0
             loaders = [CacheBatches(reader, c.batch_size, layers, c.seed + i, teacher_pad,
-                                    student_tokenizer=tokenizer if own_tokenizer else None)
+                                    student_tokenizer=tokenizer if own_tokenizer else None, part=part)
                        for i, reader in enumerate(self.readers)]
             return MixedBatches(loaders, self.weights, [cache_role(r) for r in self.readers])
         teacher = LiveTeacher(self.teacher_model, layers, self.device, Segmenter()) if self.kind == "online" else None

@@ -3,11 +3,13 @@
 AdamW (student and projectors with their own learning rates), linear warmup then cosine decay,
 gradient clipping and accumulation, bf16 autocast and gradient checkpointing on CUDA, safetensors
 checkpoints every N steps with exact resume, metrics as JSONL (and to TensorBoard or W&B with
-`report_to`), the student saved in HF format.
+`report_to`), the student saved in HF format. Under torchrun the ranks train data-parallel
+(`training.parallel`: DDP, or FSDP2 with --fsdp); rank 0 writes the run folder and reports.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -18,8 +20,10 @@ from typing import Callable
 
 import torch
 
+from mta_cli import distributed
 from mta_cli.cache.reader import CacheReader
-from mta_cli.models import hidden_size, n_layers, resolve_device, tokenizer_fingerprint
+from mta_cli.distributed import Ranks
+from mta_cli.models import hidden_size, n_layers, tokenizer_fingerprint
 from mta_cli.options import check_choice, check_number
 from mta_cli.student import build_student
 from mta_cli.training.batches import CacheBatches
@@ -28,6 +32,8 @@ from mta_cli.training.data import DataBatches
 from mta_cli.training.mixing import MixedBatches, StudentDataSchedule
 from mta_cli.training.loggers import MetricsLoggers, check_reporters
 from mta_cli.training.objective import Objective, ObjectiveConfig
+from mta_cli.training.parallel import (Distilled, clip_gradients, full_model_state, mean_over_ranks, sharded,
+                                      total_over_ranks, wrap)
 from mta_cli.training.recipes import recipe
 from mta_cli.training.run_folder import check_run_folder, holds_run, run_config, start_over, write_run_config
 from mta_cli.training.source import Source, key_layers, same_teacher, source_kind
@@ -61,11 +67,12 @@ class TrainConfig:
     grad_accum: int = 1
     epochs: int = 1
     max_steps: int | None = None
-    batch_size: int = 8
+    batch_size: int = 8                 # the global batch: under torchrun each rank takes its share of it
     seed: int = 0
     checkpoint_every: int = 100
     resume: bool = False
     device: str = "auto"
+    fsdp: bool = False                  # under torchrun: shard the student with FSDP2 instead of DDP
     max_length: int = 512
     max_prompt_length: int = 256
     trust_remote_code: bool = False
@@ -138,6 +145,7 @@ class TrainSummary:
     resumed_from: str | None
     key_layers: list = field(default_factory=list)
     key_layers_from: str = ""
+    ranks: int = 1
 
 
 def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
@@ -156,6 +164,8 @@ class Run:
     student: torch.nn.Module
     tokenizer: object
     objective: Objective
+    model: torch.nn.Module    # `Distilled(student, objective)`, wrapped for this job (`parallel.wrap`)
+    ranks: Ranks
     batches: MixedBatches | DataBatches
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -170,9 +180,46 @@ class Run:
 
 
 def prepare(config: TrainConfig, device: torch.device,
-            report: Callable[[str, dict], None] = lambda event, info: None) -> Run:
-    """Build student, objective, batches, optimizer and schedule; restore the last checkpoint on --resume."""
+            report: Callable[[str, dict], None] = lambda event, info: None, ranks: Ranks = Ranks()) -> Run:
+    """Build student, objective, batches, optimizer and schedule; restore the last checkpoint on --resume.
+
+    Under torchrun every rank builds the same (the ranks stop together if one cannot), then the model is
+    wrapped for data parallelism and each rank's batches are its shares of the global ones."""
     torch.manual_seed(config.seed)
+    with distributed.together(ranks):
+        student, tokenizer, objective, source, layers, origin = build(config, device, report)
+        batches = source.batches(tokenizer, layers, own_tokenizer(source, tokenizer), (ranks.rank, ranks.world))
+        total_steps = plan_steps(config, batches.batches_per_epoch())
+    model = wrap(Distilled(student, objective), ranks, config.fsdp)
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in student.parameters() if p.requires_grad], "lr": config.lr},
+        {"params": list(objective.parameters()), "lr": config.projector_lr},
+    ], weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(int(config.warmup_ratio * total_steps), total_steps))
+    position, resumed_from = {"step": 0, "epoch": 0, "batch": 0}, None
+    if config.resume and (checkpoint := latest_checkpoint(Path(config.out))):
+        position = load_checkpoint(checkpoint, model, optimizer, scheduler, ranks)
+        resumed_from = str(checkpoint)
+        if isinstance(batches, MixedBatches):
+            if "batches" in position:
+                batches.load_state_dict(position["batches"])
+            else:
+                batches.seek(position["epoch"], position["batch"])
+    run = Run(student, tokenizer, objective, model, ranks, batches, optimizer, scheduler, total_steps, position,
+              resumed_from, origin, source.notes)
+    if config.student_data == "adaptive":
+        start_schedule(run, config, source, layers, device)
+    return run
+
+
+def own_tokenizer(source: Source, tokenizer) -> bool:
+    """Whether the student tokenizes for itself (its tokenizer is not the cache's)."""
+    return bool(source.tokenizer_sha) and tokenizer_fingerprint(tokenizer) != source.tokenizer_sha
+
+
+def build(config: TrainConfig, device: torch.device, report: Callable[[str, dict], None]) -> tuple:
+    """Student, tokenizer, objective, source, the teacher layers read, and where the key layers came from."""
     report("status", {"message": {"cache": f"checking the cache {config.cache}",
                                   "online": f"loading the teacher {config.teacher}",
                                   "data": f"reading {config.data}"}[source_kind(config)]})
@@ -181,8 +228,7 @@ def prepare(config: TrainConfig, device: torch.device,
         raise ValueError("--topk trains from the sparse teacher log-probs of a cache extracted with --top-k K; "
                          "this source has none")
     tokenizer = source.tokenizer()
-    own_tokenizer = bool(source.tokenizer_sha) and tokenizer_fingerprint(tokenizer) != source.tokenizer_sha
-    if own_tokenizer and config.objective.loss != "sft":
+    if own_tokenizer(source, tokenizer) and config.objective.loss != "sft":
         raise ValueError(f"the student's tokenizer differs from the teacher's: --loss {config.objective.loss} "
                          "compares distributions token by token and needs identical token positions. Use --loss "
                          "sft (with --mta: DSA and Hid on spans), or a student with the teacher's tokenizer.")
@@ -203,28 +249,7 @@ def prepare(config: TrainConfig, device: torch.device,
     layers = source.layers(objective_config.teacher_layers)
     objective = Objective(objective_config, source.head, source.n_teacher, hidden_size(student), source.teacher_dim,
                           source.final_norm, student.get_output_embeddings().weight.shape[0]).to(device)
-    batches = source.batches(tokenizer, layers, own_tokenizer)
-    total_steps = plan_steps(config, batches.batches_per_epoch())
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in student.parameters() if p.requires_grad], "lr": config.lr},
-        {"params": list(objective.parameters()), "lr": config.projector_lr},
-    ], weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(int(config.warmup_ratio * total_steps), total_steps))
-    position, resumed_from = {"step": 0, "epoch": 0, "batch": 0}, None
-    if config.resume and (checkpoint := latest_checkpoint(Path(config.out))):
-        position = load_checkpoint(checkpoint, student, objective, optimizer, scheduler)
-        resumed_from = str(checkpoint)
-        if isinstance(batches, MixedBatches):
-            if "batches" in position:
-                batches.load_state_dict(position["batches"])
-            else:
-                batches.seek(position["epoch"], position["batch"])
-    run = Run(student, tokenizer, objective, batches, optimizer, scheduler, total_steps, position, resumed_from,
-              origin, source.notes)
-    if config.student_data == "adaptive":
-        start_schedule(run, config, source, layers, device)
-    return run
+    return student, tokenizer, objective, source, layers, origin
 
 
 def start_schedule(run: Run, config: TrainConfig, source: Source, layers: list[int], device: torch.device) -> None:
@@ -248,7 +273,7 @@ def dev_loss(run: Run, device: torch.device) -> float:
     """The mean distillation loss (the "kd" term, else the total) of the dev batches, the student in eval mode."""
     run.student.eval()
     with torch.no_grad():
-        values = [run.objective(run.student, batch.to(device)) for batch in run.dev_batches]
+        values = [run.model(batch.to(device)) for batch in run.dev_batches]
     run.student.train()
     return sum(float(v.get("kd", v["loss"])) for v in values) / len(values)
 
@@ -282,30 +307,52 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
 
     The run folder is checked before anything is loaded (`run_folder.check_run_folder`). A loss or gradient
     that goes non-finite stops the run with TrainingDiverged: the last good checkpoint stays, nothing else
-    is saved."""
-    report = progress or (lambda event, info: None)
+    is saved. Under torchrun every rank runs this on its share of each global batch (`training.parallel`);
+    rank 0 alone writes the run folder and reports, with the figures of the whole job."""
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    ranks = distributed.launched()
+    if ranks.distributed and not config.cache:
+        raise ValueError("training on --data (the online baseline, or sft without a teacher) runs in one process; "
+                         "under torchrun train from a cache (--cache)")
+    if config.fsdp and not ranks.distributed:
+        raise ValueError("--fsdp shards the student over the processes of a torchrun job; start the command with "
+                         "`torchrun --nproc-per-node N`, or drop --fsdp")
+    device = distributed.rank_device(config.device, ranks)
     out = Path(config.out)
-    check_run_folder(out, config)
-    if out.is_dir() and not holds_run(out):
-        start_over(out)
-    run = prepare(config, device, report)
-    student, objective, optimizer, scheduler = run.student, run.objective, run.optimizer, run.scheduler
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, config)
+    with distributed.process_group(device) as ranks:
+        report = progress if progress is not None and ranks.main else (lambda event, info: None)
+        with distributed.together(ranks):
+            check_run_folder(out, config)
+            if ranks.main and out.is_dir() and not holds_run(out):
+                start_over(out)
+        run = prepare(config, device, report, ranks)
+        summary = _loop(config, run, out, device, report)
+        del run  # DDP's reducer must go before its process group: destroyed after it, it can wait forever
+        gc.collect()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _loop(config: TrainConfig, run: Run, out: Path, device: torch.device,
+          report: Callable[[str, dict], None]) -> TrainSummary:
+    """The steps from `run.position` to the end, then the final student; returns the summary."""
+    model, objective, optimizer, scheduler, ranks = run.model, run.objective, run.optimizer, run.scheduler, run.ranks
+    with distributed.together(ranks):
+        if ranks.main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_run_config(out, config)
+            keep_metrics_until(out / "metrics.jsonl", run.position["step"])
     report("start", {"total_steps": run.total_steps, "step": run.position["step"],
                      "batches_per_epoch": run.batches.batches_per_epoch(),
                      "key_layers": objective.config.key_layers, "key_layers_from": run.key_layers_from,
                      "notes": run.notes})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    keep_metrics_until(out / "metrics.jsonl", run.position["step"])
     step, last, step_tokens, micro, step_losses = run.position["step"], {}, 0, 0, {}
     train_seconds, train_tokens = 0.0, 0
-    parameters = list(student.parameters()) + list(objective.parameters())
     epochs = range(run.position["epoch"], 10**9 if config.max_steps else config.epochs)
-    with (out / "metrics.jsonl").open("a") as metrics, \
-            MetricsLoggers(config.report_to, out, run_config(config), first_step=step + 1) as loggers:
+    reporters = config.report_to if ranks.main else []
+    with ((out / "metrics.jsonl").open("a") if ranks.main else nullcontext()) as metrics, \
+            MetricsLoggers(reporters, out, run_config(config), first_step=step + 1) as loggers:
         step_started = time.perf_counter()
         for epoch in epochs:
             if step >= run.total_steps:
@@ -313,16 +360,18 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
             skip = run.position["batch"] if epoch == run.position["epoch"] else 0
             for batch_index, batch in enumerate(run.batches.iterate(epoch, skip), start=skip):
                 with autocast:
-                    losses = objective(student, batch.to(device), progress=step / run.total_steps)
+                    losses = model(batch.to(device), progress=step / run.total_steps)
                 (losses["loss"] / config.grad_accum).backward()
-                step_tokens += batch.n_tokens
+                step_tokens += batch.n_tokens if batch.weight else 0
                 step_losses = {k: step_losses.get(k, 0) + v.detach() / config.grad_accum for k, v in losses.items()}
                 micro += 1
                 if micro % config.grad_accum:
                     continue
-                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-                values = {k: v.item() for k, v in step_losses.items()}
-                check_finite(step + 1, values, float(grad_norm), out)
+                grad_norm = clip_gradients(model, config.max_grad_norm)
+                values = mean_over_ranks(step_losses, ranks)
+                step_tokens = total_over_ranks(step_tokens, ranks)
+                with distributed.together(ranks):
+                    check_finite(step + 1, values, grad_norm, out)
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
                 optimizer.step()
                 scheduler.step()
@@ -334,8 +383,9 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
                         "step_seconds": seconds, "tokens_per_second": step_tokens / seconds}
                 if run.schedule is not None:
                     last |= advance_schedule(run, step, config.eval_every, device)
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
+                if metrics is not None:
+                    metrics.write(json.dumps(last) + "\n")
+                    metrics.flush()
                 loggers.log(last)
                 report("step", last)
                 step_tokens, step_losses = 0, {}
@@ -345,16 +395,17 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
                         position["batches"] = run.batches.state_dict()
                     if run.schedule is not None:
                         position["schedule"] = run.schedule.state_dict()
-                    save_checkpoint(out / "checkpoints" / f"step-{step:06d}", student, objective, optimizer,
-                                    scheduler, position)
+                    save_checkpoint(out / "checkpoints" / f"step-{step:06d}", model, optimizer, scheduler, position,
+                                    ranks)
                 step_started = time.perf_counter()
                 if step >= run.total_steps:
                     break
-    save_student(out, student, run.tokenizer, config)
-    return TrainSummary(out=str(out), steps=step, epochs=config.epochs, final=last,
-                        seconds=time.perf_counter() - started, seconds_per_step=train_seconds / max(step, 1),
+    save_student(out, run, config)
+    return TrainSummary(out=str(out), steps=step, epochs=config.epochs, final=last, seconds=0.0,
+                        seconds_per_step=train_seconds / max(step, 1),
                         tokens_per_second=train_tokens / max(train_seconds, 1e-9), resumed_from=run.resumed_from,
-                        key_layers=[list(k) for k in objective.config.key_layers], key_layers_from=run.key_layers_from)
+                        key_layers=[list(k) for k in objective.config.key_layers], key_layers_from=run.key_layers_from,
+                        ranks=ranks.world)
 
 
 def advance_schedule(run: Run, step: int, eval_every: int, device: torch.device) -> dict:
@@ -381,8 +432,13 @@ def check_finite(step: int, losses: dict[str, float], grad_norm: float, out: Pat
                            "and train into a new --out")
 
 
-def save_student(out: Path, student, tokenizer, config: TrainConfig) -> None:
-    """The final student in HF format (safetensors + tokenizer), with the training configuration."""
-    student.config.mta_training = run_config(config)
-    student.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+def save_student(out: Path, run: Run, config: TrainConfig) -> None:
+    """The final student in HF format (safetensors + tokenizer), with the training configuration; written by
+    rank 0 (FSDP shards gathered first, by every rank)."""
+    state = {k[len("student."):]: v for k, v in full_model_state(run.model).items()
+             if k.startswith("student.")} if sharded(run.model) else None
+    with distributed.together(run.ranks):
+        if run.ranks.main:
+            run.student.config.mta_training = run_config(config)
+            run.student.save_pretrained(out, state_dict=state)
+            run.tokenizer.save_pretrained(out)
