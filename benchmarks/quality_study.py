@@ -251,6 +251,9 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--work", type=Path)
     parser.add_argument("--pilot", action="store_true", help="train and compare the candidate students only")
+    parser.add_argument("--main-only", action="store_true",
+                        help="the three-seed rows only (SFT, srkl, srkl + MTA) and the reference rows; a later run "
+                             "without it adds the others")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     study = Study(preset, args.work or REPO / f"study-{args.preset}", args.preset)
@@ -262,22 +265,25 @@ def main() -> None:
     cache, pruned = study.cache_and_student(tuned)
     students = {name: [study.train_student(cache, pruned, name, recipe, s) for s in preset.train_seeds]
                 for name, recipe in MAIN.items()}
-    students |= {name: [study.train_student(cache, pruned, name, recipe, 0)] for name, recipe in OTHERS.items()}
+    others = {} if args.main_only else OTHERS
+    students |= {name: [study.train_student(cache, pruned, name, recipe, 0)] for name, recipe in others.items()}
     reference = dict(zip(REFERENCE, (original, tuned, pruned)))
     main_rows = {label: path for name in MAIN for label, path in zip(labels(name, students[name]), students[name])}
-    other_rows = {label: students[name][0] for name in ("srkl", *OTHERS) for label in labels(name, students[name][:1])}
-    evals = {"reference": study.evaluate(reference, study.dev_other, preset.other_seeds, "reference"),
-             "main": study.evaluate(main_rows, study.dev_main, preset.main_seeds, "main"),
-             "other": study.evaluate(other_rows, study.dev_other, preset.other_seeds, "other")}
+    other_rows = {label: students[name][0] for name in ("srkl", *others) for label in labels(name, students[name][:1])}
+    evals = {"main": study.evaluate(main_rows, study.dev_main, preset.main_seeds, "main"),
+             "reference": study.evaluate(reference, study.dev_other, preset.other_seeds, "reference")}
+    if others:
+        evals["other"] = study.evaluate(other_rows, study.dev_other, preset.other_seeds, "other")
     nll = {label: study.nll(path) for label, path in (reference | main_rows).items()}
     rows, figures = table(students, evals, nll)
     report(f"quality_{args.preset}", "Does MTA help? ROUGE-L on held-out Dolly dev (x100)",
            ["model", "training seeds", "ROUGE-L (mean ± std over training seeds)", "Δ vs srkl [95% CI]",
             f"NLL ({preset.nll_records} dev records)"], rows,
-           asdict(preset) | study.options | {"wall_minutes": round((time.perf_counter() - started) / 60, 1)},
+           asdict(preset) | study.options | {"wall_minutes": round((time.perf_counter() - started) / 60, 1),
+                                             "rows": "main only" if args.main_only else "all"},
            {"figures": figures})
-    run("report", *[p for paths in students.values() for p in paths], study.work / "eval-main.json",
-        study.work / "eval-other.json", cache, "--title", f"Quality study ({args.preset})", "--out",
+    run("report", *[p for paths in students.values() for p in paths],
+        *[study.work / f"eval-{name}.json" for name in evals if name != "reference"], cache, "--title", f"Quality study ({args.preset})", "--out",
         study.work / "report.html")
 
 

@@ -59,6 +59,22 @@ def test_resume_with_another_configuration_is_refused_and_the_record_kept(tmp_pa
     assert json.loads((out / "training_config.json").read_text())["max_steps"] == 3
 
 
+def test_a_record_without_newer_options_resumes_and_compile_loss_may_change(tmp_path, good):
+    """A run recorded before an option existed holds that option's default; --compile-loss only changes speed."""
+    out = tmp_path / "run"
+    assert cli(*train_args(good, out, "--checkpoint-every", 1)).exit_code == 0
+    path = out / "training_config.json"
+    record = json.loads(path.read_text())
+    del record["report_to"], record["objective"]["compile_loss"], record["objective"]["akl_mu"]
+    path.write_text(json.dumps(record))
+    result = cli(*train_args(good, out, "--resume", "--checkpoint-every", 1, "--max-steps", 3, "--json"))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 3
+    path.write_text(json.dumps(record))  # an older record again, now against a non-default value
+    result = cli(*train_args(good, out, "--resume", "--checkpoint-every", 1, "--max-steps", 3, "--akl-mu", 0.7))
+    assert result.exit_code == 1 and "objective.akl_mu: run has 0.5, this command has 0.7" in result.stderr
+
+
 def test_a_failed_first_attempt_does_not_block_the_same_command(tmp_path, good, monkeypatch):
     out = tmp_path / "run"
     import mta_cli.training.trainer as trainer

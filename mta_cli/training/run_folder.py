@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 
 from mta_cli import __version__
@@ -22,6 +22,8 @@ FIRST_ATTEMPT_FILES = {"metrics.jsonl", RECORD, "checkpoints", *LOGS}
 # Options a resumed run may change: they extend or relocate the run (a copied run folder resumes too) without
 # changing what one step does.
 RESUMABLE = ("max_steps", "epochs", "checkpoint_every", "device", "fsdp", "report_to", "out", "resume")
+# Objective settings a resumed run may change: derived from the others, or how fast a step runs, not what it does.
+RESUMABLE_OBJECTIVE = ("key_layers", "compile_loss")
 PATH_FIELDS = ("out", "cache", "teacher", "data", "student", "student_config")
 
 
@@ -81,9 +83,10 @@ def check_resume(out: Path, config) -> None:
     for key in sorted(set(recorded) | set(now)):
         if key in RESUMABLE or key == "tool":
             continue
-        old, new = recorded.get(key), now.get(key)
-        if key == "objective":  # key layers are derived from the other options
-            old, new = ({k: v for k, v in (d or {}).items() if k != "key_layers"} for d in (old, new))
+        old, new = recorded.get(key, defaults(config).get(key)), now.get(key)
+        if key == "objective":
+            old_objective = defaults(config.objective) | (old or {})
+            old, new = ({k: v for k, v in d.items() if k not in RESUMABLE_OBJECTIVE} for d in (old_objective, new))
             differences += [f"objective.{k}: run has {json.dumps(old.get(k))}, this command has {json.dumps(new.get(k))}"
                             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         elif old != new:
@@ -93,6 +96,18 @@ def check_resume(out: Path, config) -> None:
                          + "\n  ".join(differences)
                          + f"\nResume with the run's options (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE[:-2])} "
                          "may change), or train into a new --out.")
+
+
+def defaults(config) -> dict:
+    """The default of each option of a config dataclass: what a record written before the option existed means."""
+    values = {}
+    for f in fields(config):
+        if f.default is not MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            value = f.default_factory()
+            values[f.name] = asdict(value) if is_dataclass(value) else value
+    return json.loads(json.dumps(values))
 
 
 def start_over(out: Path) -> None:
