@@ -184,16 +184,24 @@ def paired_interval(rows: list[np.ndarray], bases: list[np.ndarray], samples: in
     return float(diffs.mean()), float(low), float(high)
 
 
+def eval_size(evaluation: dict, label: str) -> str:
+    """"prompts x sampling seeds" of the model `label` in an eval JSON."""
+    seeds = entry(evaluation, label)["files"][0]["rougeL_per_record"]
+    return f"{len(next(iter(seeds.values())))} x {len(seeds)}"
+
+
 def rouge_of(evaluation: dict, label: str) -> float:
     return entry(evaluation, label)["average"]["rougeL_mean"]
 
 
 def table(students: dict[str, list[Path]], evals: dict, nll: dict) -> tuple[list, dict]:
-    """Rows: model, training seeds, ROUGE-L mean ± std over training seeds, Δ vs srkl [95% CI], NLL."""
+    """Rows: model, training seeds, prompts x sampling seeds, ROUGE-L mean ± std over training seeds, Δ vs srkl
+    [95% CI], NLL."""
     rows, figures = [], {}
     for label in REFERENCE:
         score = rouge_of(evals["reference"], label)
-        rows.append([label, "-", f"{score:.2f}", "-", f"{nll[label]['nll']:.3f}"])
+        rows.append([label, "-", eval_size(evals["reference"], label), f"{score:.2f}", "-",
+                     f"{nll[label]['nll']:.3f}"])
         figures[label] = {"rougeL": score, "nll": nll[label]["nll"], "eval": "reference"}
     srkl = labels("srkl", students["srkl"])
     for name, paths in students.items():
@@ -203,7 +211,7 @@ def table(students: dict[str, list[Path]], evals: dict, nll: dict) -> tuple[list
         delta = None if name == "srkl" else paired_interval([per_prompt(evaluation, label) for label in own],
                                                             [per_prompt(evaluation, b) for b in srkl[:len(own)]])
         nlls = [nll[label]["nll"] for label in own] if main else None
-        rows.append([name, len(own), mean_spread(scores, 2),
+        rows.append([name, len(own), eval_size(evaluation, own[0]), mean_spread(scores, 2),
                      "-" if delta is None else f"{delta[0]:+.2f} [{delta[1]:+.2f}, {delta[2]:+.2f}]",
                      "-" if nlls is None else mean_spread(nlls, 3)])
         figures[name] = {"rougeL_per_seed": scores, "nll_per_seed": nlls, "eval": "main" if main else "other",
@@ -277,7 +285,8 @@ def main() -> None:
     nll = {label: study.nll(path) for label, path in (reference | main_rows).items()}
     rows, figures = table(students, evals, nll)
     report(f"quality_{args.preset}", "Does MTA help? ROUGE-L on held-out Dolly dev (x100)",
-           ["model", "training seeds", "ROUGE-L (mean ± std over training seeds)", "Δ vs srkl [95% CI]",
+           ["model", "training seeds", "dev prompts x sampling seeds", "ROUGE-L (mean ± std over training seeds)",
+            "Δ vs srkl [95% CI]",
             f"NLL ({preset.nll_records} dev records)"], rows,
            asdict(preset) | study.options | {"wall_minutes": round((time.perf_counter() - started) / 60, 1),
                                              "rows": "main only" if args.main_only else "all"},

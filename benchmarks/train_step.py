@@ -2,7 +2,7 @@
 
 Step time of `--loss sft`, `--loss srkl`, `--loss srkl --mta` and `--loss fdd` (8-layer student, batch 8), offline
 (batches from the cache) and online (teacher forward and spaCy in the step, as the research code
-does). All six are timed in one process, interleaved round by round on the same batches, so each
+does), and of `srkl --mta --compile-loss` offline (its compilation falls in the warm-up round). All six are timed in one process, interleaved round by round on the same batches, so each
 ratio is taken pair by pair on a noisy machine. A step is forward, backward and optimizer step; online
 adds spaCy, the teacher forward and collation; offline batches come from the cache loader, whose
 reading and decoding run ahead in a background thread during training (benchmark 4 times it). Peak memory is measured in separate processes running
@@ -40,6 +40,7 @@ from mta_cli.training.objective import Objective, ObjectiveConfig
 from mta_cli.training.data import live_samples
 
 CONFIGS = [("sft", "sft", False), ("srkl", "srkl", False), ("srkl --mta", "srkl", True), ("fdd", "fdd", False)]
+COMPILED = "srkl --mta --compile-loss"  # offline only: an A/B of the compiled chunk loss against "srkl --mta"
 LAYERS = [15, 22, 30]
 
 
@@ -65,11 +66,11 @@ def peak_memory(mode: str, loss: str, mta: bool, cache: str, data: str, teacher:
 class Trainee:
     """One configuration: its own student copy, objective and optimizer, stepping on given batches."""
 
-    def __init__(self, base_student, loss: str, mta: bool, head, n_teacher: int, norm):
+    def __init__(self, base_student, loss: str, mta: bool, head, n_teacher: int, norm, compile_loss: bool = False):
         self.student = copy.deepcopy(base_student).train()
         key_layers = default_key_layers(8, n_teacher) if mta or loss == "fdd" else []
-        self.objective = Objective(ObjectiveConfig(loss=loss, mta=mta, key_layers=key_layers), head, n_teacher,
-                                   576, 576, norm)
+        self.objective = Objective(ObjectiveConfig(loss=loss, mta=mta, key_layers=key_layers,
+                                                   compile_loss=compile_loss), head, n_teacher, 576, 576, norm)
         self.optimizer = torch.optim.AdamW(list(self.student.parameters()) + list(self.objective.parameters()), 1e-5)
 
     def step(self, batch) -> None:
@@ -104,9 +105,15 @@ def main() -> None:
     segmenter = Segmenter()
     base = prune_layers(copy.deepcopy(teacher), 8)
     trainees = {name: Trainee(base, loss, mta, reader.head, 30, reader.final_norm) for name, loss, mta in CONFIGS}
+    trainees[COMPILED] = Trainee(base, "srkl", True, reader.head, 30, reader.final_norm, compile_loss=True)
 
     times: dict[tuple[str, str], list[float]] = {(n, m): [] for n, _, _ in CONFIGS for m in ("offline", "online")}
+    times[(COMPILED, "offline")] = []
     for r, indices in enumerate(rounds):
+        started = time.perf_counter()
+        trainees[COMPILED].step(offline_batches[r])
+        if r:
+            times[(COMPILED, "offline")].append(time.perf_counter() - started)
         for name, _, _ in CONFIGS:
             started = time.perf_counter()
             trainees[name].step(offline_batches[r])
@@ -126,6 +133,9 @@ def main() -> None:
     rows = [[name, statistics.median(times[(name, "offline")]), statistics.median(times[(name, "online")]),
              ratio((name, "offline"), (name, "online")), ratio((name, "offline"), ("sft", "offline")),
              round(memory[(name, "offline")]), round(memory[(name, "online")])] for name, _, _ in CONFIGS]
+    rows.append([COMPILED, statistics.median(times[(COMPILED, "offline")]), "-", "-",
+                 ratio((COMPILED, "offline"), ("sft", "offline")), "-", "-"])
+    compiled_gain = ratio((COMPILED, "offline"), ("srkl --mta", "offline"))
     mta_cost = ratio(("srkl --mta", "offline"), ("srkl", "offline")) - 1
     over_sft = ratio(("srkl --mta", "offline"), ("sft", "offline"))
     typical = sorted(rounds[1:], key=lambda b: sum(reader[i].n_tokens for i in b))[len(rounds[1:]) // 2]
@@ -136,11 +146,13 @@ def main() -> None:
            {"teacher": "SmolLM2-135M-Instruct (30 layers)", "student": "depth-pruned copy, 8 layers",
             "batch_size": 8, "max_length": 256, "rounds": args.rounds, "records": args.records,
             "tokens_per_step": statistics.mean(sum(reader[i].n_tokens for i in b) for b in rounds[1:])},
-           {"mta_overhead_over_srkl": mta_cost, "srkl_mta_over_sft": over_sft, "parts_seconds": pieces,
+           {"mta_overhead_over_srkl": mta_cost, "srkl_mta_over_sft": over_sft, "compiled_over_eager": compiled_gain,
+            "parts_seconds": pieces,
             "step_seconds": {f"{k[0]} / {k[1]}": v for k, v in times.items()}})
     print(f"\nMTA adds {100 * mta_cost:.1f}% to the offline srkl step (target <= 15%); offline srkl --mta = "
           f"{over_sft:.2f}x offline sft (target <= 1.25); FDD's peak memory offline = "
-          f"{memory[('fdd', 'offline')] / memory[('srkl', 'offline')]:.2f}x srkl's (target <= 1.3)")
+          f"{memory[('fdd', 'offline')] / memory[('srkl', 'offline')]:.2f}x srkl's (target <= 1.3); --compile-loss "
+          f"step = {compiled_gain:.2f}x the eager srkl --mta step")
     print("parts of one step (s): " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                                  for k, v in pieces.items()))
 
