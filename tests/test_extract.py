@@ -479,3 +479,5 @@ def test_key_layers_in_int8_and_the_last_in_bf16(caches, tiny_teacher_dir, data_
     assert cache_inspect.verify(mixed.url) == []
     info_mixed, info_bf16 = cache_inspect.info(mixed.url), cache_inspect.info(bf16.url)
     assert info_mixed["bytes_per_token"] < info_bf16["bytes_per_token"]
+    assert (info_mixed["state_dtype"], info_mixed["key_dtype"]) == ("bf16", "int8")
+    assert (info_bf16["state_dtype"], info_bf16["key_dtype"]) == ("bf16", "bf16")

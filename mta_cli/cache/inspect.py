@@ -49,6 +49,7 @@ def info(url: str) -> dict:
         "shards": f"{len(reader.shard_indices)}/{meta['n_shards']}",
         "layers": reader.layers,
         "state_dtype": reader.state_dtype,
+        "key_dtype": meta["config"].get("key_dtype") or reader.state_dtype,  # the layers other than the last
         "top_k": meta["config"]["top_k"],
         "teacher": teacher["source"],
         "teacher_architecture": teacher["architecture"],
