@@ -32,7 +32,7 @@ bench-loader: setup
 bench-e2e: setup
 	$(BENCH).end_to_end
 
-# Not part of `make bench` (about 20 minutes): one round of FDD, DistiLLM and DistiLLM-2, each with and
+# Not part of `make bench` (about 25 minutes): one round of FDD, DistiLLM and DistiLLM-2, each with and
 # without MTA, beside srkl.
 bench-bases: setup
 	$(BENCH).bases_round
