@@ -4,6 +4,7 @@
 #
 #   bash examples/quality_study.sh              # CPU preset: the 2-core machine, see the README for its wall time
 #   bash examples/quality_study.sh --preset gpu # all Dolly train records, longer training, 500 dev prompts, 5 seeds
+#   bash examples/quality_study.sh --main-only  # only the three-seed rows (SFT, srkl, srkl + MTA) and the references
 #   bash examples/quality_study.sh --pilot      # only the student choice (SFT students of several sizes)
 #
 # Stage 0 fine-tunes the SmolLM2-135M-Instruct teacher on Dolly train (SFT) and extracts it once; every
