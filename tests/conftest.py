@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 
@@ -24,7 +22,7 @@ def tiny_fp32_cache(tmp_path_factory, tiny_teacher_dir) -> str:
 
     base = tmp_path_factory.mktemp("fp32-cache")
     data = base / "records.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in tiny.RECORDS))
+    tiny.write_jsonl(data, tiny.RECORDS)
     out = base / "cache.zarr"
     extract(ExtractConfig(teacher=str(tiny_teacher_dir), data=str(data), out=str(out), dtype="fp32", batch_size=1,
                           shard_size=5, device="cpu", max_length=64, max_prompt_length=32))

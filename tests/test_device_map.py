@@ -32,7 +32,7 @@ def test_a_teacher_split_over_memory_and_disk_gives_the_same_cache(tmp_path, tin
     assert weights_fingerprint(split) == weights_fingerprint(load_causal_lm(str(tiny_teacher_dir), "fp32"))
 
     data = tmp_path / "records.jsonl"  # the records and options of `tiny_fp32_cache`, with the teacher split
-    data.write_text("".join(json.dumps(r) + "\n" for r in tiny.RECORDS))
+    tiny.write_jsonl(data, tiny.RECORDS)
     out = tmp_path / "cache.zarr"
     result = cli("extract", "--teacher", tiny_teacher_dir, "--data", data, "--out", out, "--dtype", "fp32",
                  "--batch-size", 1, "--shard-size", 5, "--max-length", 64, "--max-prompt-length", 32,

@@ -223,7 +223,7 @@ def kill_when(process: subprocess.Popen, started, delay: float, timeout: float =
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("long") / "records.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny.RECORDS * 3))
+    tiny.write_jsonl(path, tiny.RECORDS * 3)
     return path
 
 

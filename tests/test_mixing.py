@@ -37,7 +37,7 @@ def test_a_bad_weight_is_refused():
 
 def extract_records(teacher, records, out, tmp_path):
     data = tmp_path / (out.name + ".jsonl")
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tiny.write_jsonl(data, records)
     extract(ExtractConfig(teacher=str(teacher), data=str(data), out=str(out), dtype="fp32", shard_size=2,
                           max_length=64, max_prompt_length=32, device="cpu"))
     return out

@@ -47,7 +47,7 @@ def s3():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("s3-data") / "records.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny.RECORDS))
+    tiny.write_jsonl(path, tiny.RECORDS)
     return path
 
 

@@ -21,7 +21,6 @@ What is proven, and with which tolerance:
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +57,7 @@ VARIANTS = [(loss, {"loss": loss}) for loss in LOSSES] + [
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "records.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    tiny.write_jsonl(path, RECORDS)
     return path
 
 

@@ -23,7 +23,7 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "records.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny.RECORDS))
+    tiny.write_jsonl(path, tiny.RECORDS)
     return path
 
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from mta_cli.cache.reader import CacheReader
 from mta_cli.cli import app
 from mta_cli.labels import model_labels, short_names
-from mta_cli.report import evaluation_table, figures, write_report
+from mta_cli.report import evaluation_table, figures
 from mta_cli.report.inputs import read_inputs
 from mta_cli.training.objective import ObjectiveConfig
 from mta_cli.training.trainer import TrainConfig, train
@@ -47,7 +47,7 @@ def evaluation(tmp_path_factory, tiny_teacher_dir, tiny_fp32_cache, runs) -> Pat
     base = tmp_path_factory.mktemp("eval")
     files = []
     for name, records in (("a.jsonl", tiny.RECORDS[:3]), ("b.jsonl", tiny.RECORDS[3:5])):
-        (base / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+        (base / tiny.write_jsonl(name), records)
         files += ["--data", base / name]
     out = base / "eval.json"
     result = cli("eval", "--model", f"teacher={tiny_teacher_dir}", "--model", runs[1], *files, "--seeds", "10,20",

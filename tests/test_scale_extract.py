@@ -45,7 +45,7 @@ def assert_same_cache(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("scale") / "records.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny.RECORDS * 3))  # 24 samples, 12 shards of 2
+    tiny.write_jsonl(path, tiny.RECORDS * 3)  # 24 samples, 12 shards of 2
     return path
 
 

@@ -33,7 +33,7 @@ def cache(tmp_path_factory, tiny_teacher_dir) -> Path:
     """fp32 states of 24 samples in shards of 2."""
     base = tmp_path_factory.mktemp("scale-train")
     data = base / "records.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in tiny.RECORDS * 3))
+    tiny.write_jsonl(data, tiny.RECORDS * 3)
     out = base / "cache.zarr"
     extract(ExtractConfig(teacher=str(tiny_teacher_dir), data=str(data), out=str(out), dtype="fp32", shard_size=2,
                           batch_size=4, max_length=64, max_prompt_length=32, device="cpu"))

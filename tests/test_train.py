@@ -528,7 +528,7 @@ def test_topk_training_with_every_token_equals_exact_forward_kl(tmp_path, tiny_t
     """A cache with top-k = vocabulary size holds the whole teacher distribution: the top-k fkl loss then
     equals the exact fkl loss from the cached last layer and head."""
     data = tmp_path / "records.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:3]))
+    tiny.write_jsonl(data, RECORDS[:3])
     vocab = teacher.config.vocab_size
     out = tmp_path / "topk.zarr"
     extract(ExtractConfig(teacher=str(tiny_teacher_dir), data=str(data), out=str(out), dtype="fp32", batch_size=1,

@@ -38,7 +38,7 @@ RECORDS = tiny.RECORDS
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sft-data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    tiny.write_jsonl(path, RECORDS)
     return path
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -109,3 +110,9 @@ def save_tiny_model(directory: Path, tok, model) -> Path:
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    """Write `records` to `path`, one JSON object per line (the format of `--data`)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
