@@ -2,7 +2,7 @@
 
 Step time of `--loss sft`, `--loss srkl`, `--loss srkl --mta` and `--loss fdd` (8-layer student, batch 8), offline
 (batches from the cache) and online (teacher forward and spaCy in the step, as the research code
-does), and of `srkl --mta --compile-loss` offline (its compilation falls in the warm-up round). All six are timed in one process, interleaved round by round on the same batches, so each
+does), and of `srkl --mta --compile-loss` offline (its compilation falls in the warm-up round). All nine are timed in one process, interleaved round by round on the same batches, so each
 ratio is taken pair by pair on a noisy machine. A step is forward, backward and optimizer step; online
 adds spaCy, the teacher forward and collation; offline batches come from the cache loader, whose
 reading and decoding run ahead in a background thread during training (benchmark 4 times it). Peak memory is measured in separate processes running

@@ -167,7 +167,7 @@ class ExtractProgress(EventProgress):
                                                rate="", written="")
             self.started = time.perf_counter()
             if info["reused_shards"]:
-                err.print(f"resuming: {info['reused_shards']} complete shard(s) kept")
+                self.note(f"resuming: {info['reused_shards']} complete shard(s) kept")
         elif event == "batch" and self.task is not None:
             self.samples += info["samples"]
             self.progress.advance(self.task, info["tokens"])

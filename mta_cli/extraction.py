@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mta_cli import __version__, distributed
-from mta_cli.cache.layout import BYTES_PER_VALUE, FORMAT_VERSION, STATE_DTYPES, encode_states
+from mta_cli.cache.layout import BYTES_PER_VALUE, FORMAT_VERSION, STATE_DTYPES, encode_states, stored_dtype
 from mta_cli.cache.store import CacheError, CacheWriter, check_output
 from mta_cli.encode import Encoded, encode_record
 from mta_cli.losses.schedule import default_teacher_layers
@@ -198,7 +198,7 @@ def estimate_bytes(config: ExtractConfig, n_tokens: int, n_teacher_layers: int, 
     The head counts as stored: `head_bytes` when it is already written, else its raw size in the teacher's
     precision times the compression measured on SmolLM2's head (0.63 in fp32)."""
     layers = sorted(set(config.layers or default_teacher_layers(n_teacher_layers)) | {n_teacher_layers})
-    dtypes = [config.dtype if layer == n_teacher_layers else config.key_dtype or config.dtype for layer in layers]
+    dtypes = [stored_dtype(layer, n_teacher_layers, config.dtype, config.key_dtype) for layer in layers]
     raw = [d * BYTES_PER_VALUE[dtype] + (4 if dtype == "int8" else 0) for dtype in dtypes]  # per layer and token
     state_raw = sum(raw)
     token_raw = state_raw + 12 + (8 * config.top_k + 4 if config.top_k else 0)  # ids, offsets, top-k
@@ -291,7 +291,7 @@ def run_teacher(model, samples: list[Encoded], config: ExtractConfig, layers: li
             n = len(samples[i].input_ids)
             encoded = {}
             for layer, h in out.states.items():
-                dtype = config.dtype if layer == layers[-1] else config.key_dtype or config.dtype
+                dtype = stored_dtype(layer, layers[-1], config.dtype, config.key_dtype)
                 for suffix, values in encode_states(h[row, :n].cpu(), dtype).items():
                     encoded[(layer, suffix)] = values
             states[i] = encoded
@@ -468,7 +468,7 @@ def _write_shards(config: ExtractConfig, the_plan: Plan, model, layers: list[int
                      "tokens": sum(len(the_plan.samples[i].input_ids) for k in todo for i in shards[k])})
 
     counters = {"tokens": 0, "samples": 0, "bytes": 0, "teacher_seconds": 0.0}
-    totals = {"tokens": 0, "bytes": 0}  # every rank's, as of the last round
+    totals = {"bytes": 0}  # the other ranks' bytes, as of the last round
     pad_id = the_plan.tokenizer.pad_token_id if the_plan.tokenizer.pad_token_id is not None else 0
     with ThreadPoolExecutor(1, thread_name_prefix="mta-spacy") as parse_pool, \
             ThreadPoolExecutor(1, thread_name_prefix="mta-write") as write_pool:
@@ -502,13 +502,13 @@ def _write_shards(config: ExtractConfig, the_plan: Plan, model, layers: list[int
                         pending_write.result()
                     attrs = {"n_samples": len(samples), "n_tokens": int(arrays["token_ptr"][-1]),
                              "first_sample": idx[0]}
-                    pending_write = write_pool.submit(write_and_count, writer, k, arrays, attrs, counters, report)
+                    pending_write = write_pool.submit(write_and_count, writer, k, arrays, attrs, counters, totals,
+                                                      report)
                 elif pending_write is not None:
                     pending_write.result()
                     pending_write = None
                 round_.value = {key: counters[key] - reported[key] for key in ("tokens", "samples", "bytes")}
             others = [value for rank, value in enumerate(round_.values) if rank != ranks.rank]
-            totals["tokens"] += sum(v["tokens"] for v in others)
             totals["bytes"] += sum(v["bytes"] for v in others)
             if others and any(v["tokens"] for v in others):
                 report("batch", {"samples": sum(v["samples"] for v in others),
@@ -530,6 +530,9 @@ def _write_shards(config: ExtractConfig, the_plan: Plan, model, layers: list[int
     )
 
 
-def write_and_count(writer: CacheWriter, k: int, arrays: dict, attrs: dict, counters: dict, report) -> None:
+def write_and_count(writer: CacheWriter, k: int, arrays: dict, attrs: dict, counters: dict, totals: dict,
+                    report) -> None:
+    """Write shard k, count its bytes in this rank's `counters`, and report the job's bytes so far (this rank's
+    and, from `totals`, the other ranks' as of the last round)."""
     counters["bytes"] += writer.write_shard(k, arrays, attrs)
-    report("shard", {"index": k, "samples": attrs["n_samples"], "bytes": counters["bytes"]})
+    report("shard", {"index": k, "samples": attrs["n_samples"], "bytes": totals["bytes"] + counters["bytes"]})

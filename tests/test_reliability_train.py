@@ -12,13 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from mta_cli.cache.reader import CacheReader
+from mta_cli.cache.store import CacheError
 from mta_cli.extraction import ExtractConfig, extract
 from mta_cli.losses import pair_teacher_layers
 from mta_cli.models import ModelLoadError
 from mta_cli.training.objective import ObjectiveConfig
+from mta_cli.training.run_folder import run_config as record_of
+from mta_cli.training.source import same_teacher
 from mta_cli.training.trainer import TrainConfig, TrainingDiverged, train
 from tests import tiny
-from tests.test_cache import cli, data_file, good  # noqa: F401 - fixtures
+from tests.test_cache import cli, config, data_file, good  # noqa: F401 - fixtures
 
 
 def run_config(out, cache, **options) -> TrainConfig:
@@ -268,3 +272,45 @@ def test_the_train_summary_shows_a_small_final_learning_rate(tmp_path, good):
     final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["lr"]
     assert 0 < final < 1e-4
     assert f"{final:.3g}" in result.stdout and "final lr │ 0.000" not in result.stdout
+
+
+# --- options that would be ignored, caches that do not fit together ---------------------------------------
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dev-cache", "dev.zarr"], "--dev-cache: only used by --student-data adaptive"),
+    (["--eval-every", "5"], "--eval-every: only used by --student-data adaptive"),
+    (["--student-data-eps", "0.3"], "--student-data-eps: only used by --student-data adaptive"),
+    (["--loss", "fdd", "--compile-loss"], "--loss fdd does not use it: drop --compile-loss"),
+    (["--loss", "fkl", "--topk", "--compile-loss"], "--topk does not use it: drop --compile-loss"),
+])
+def test_options_that_would_be_ignored_are_refused(extra, message, tmp_path, good):
+    result = cli(*train_args(good, tmp_path / "run", *extra))
+    assert result.exit_code == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_distillm2_without_student_generated_data_is_refused(tmp_path, good):
+    result = cli(*train_args(good, tmp_path / "run", "--loss", "distillm2"))
+    assert result.exit_code == 1, result.stderr
+    assert "--loss distillm2 contrasts" in result.stderr and "mta generate" in result.stderr
+
+
+def test_topk_needs_top_k_log_probs_in_every_cache(tmp_path, good, tiny_teacher_dir, data_file):
+    topk = tmp_path / "topk.zarr"
+    extract(config(tiny_teacher_dir, data_file, topk, top_k=8))
+    assert cli(*train_args(topk, tmp_path / "one", "--loss", "fkl", "--topk")).exit_code == 0
+    result = cli(*train_args(topk, tmp_path / "two", "--cache", good, "--loss", "fkl", "--topk"))
+    assert result.exit_code == 1 and "(or one of its caches) has none" in result.stderr, result.stderr
+
+
+def test_a_dev_cache_of_another_teacher_is_named_as_the_dev_cache(good, six_layer_cache):
+    with pytest.raises(CacheError, match=f"--cache {good} and --dev-cache {six_layer_cache} come from different"):
+        same_teacher([CacheReader(str(good)), CacheReader(str(six_layer_cache))], "--dev-cache")
+
+
+def test_the_dev_cache_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dev.zarr").mkdir()
+    settings = TrainConfig(out="run", cache="c.zarr", student_data="adaptive", dev_cache="dev.zarr", eval_every=2)
+    assert record_of(settings)["dev_cache"] == str(tmp_path / "dev.zarr")

@@ -51,11 +51,16 @@ def shard_name(index: int) -> str:
     return f"shards/{index:05d}"
 
 
+def stored_dtype(layer: int, last_layer: int, dtype: str, key_dtype: str | None) -> str:
+    """The storage type of one layer: `dtype` for the last layer (it feeds the exact logits), `key_dtype` (when
+    set) for the others."""
+    return dtype if layer == last_layer else key_dtype or dtype
+
+
 def layer_dtypes(config: dict, last_layer: int) -> dict[int, str]:
-    """The storage type of each stored layer: `state_dtype` for the last layer (it feeds the exact logits), and
-    `key_dtype` (when set) for the others."""
-    key = config.get("key_dtype") or config["state_dtype"]
-    return {layer: config["state_dtype"] if layer == last_layer else key for layer in config["layers"]}
+    """The storage type of each stored layer of a cache, from its config."""
+    return {layer: stored_dtype(layer, last_layer, config["state_dtype"], config.get("key_dtype"))
+            for layer in config["layers"]}
 
 
 def promised_arrays(n_samples: int, n_tokens: int, hidden: int, dtypes: dict[int, str],

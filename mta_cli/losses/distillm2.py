@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mta_cli.losses.divergences import _kl, _log_mix, log_probs, skew_forward_kl
-from mta_cli.losses.kd import LogitHead, chunked_sums
+from mta_cli.losses.kd import LogitHead, chunked_sums, teacher_log_probs
 
 
 def skew_reverse_kl_detached(ls: Tensor, lt: Tensor, lam: float = 0.1) -> Tensor:
@@ -65,7 +65,7 @@ def distillm2_loss(student_hidden: Tensor, student_head: LogitHead, teacher_hidd
         logits = head(hs[0])
         logp = log_probs(logits)
         with torch.no_grad():
-            t_logp = log_probs(teacher_head(t_hidden) / temperature if temperature != 1 else teacher_head(t_hidden))
+            t_logp = teacher_log_probs(teacher_head(t_hidden), temperature)
             ce = F.nll_loss(logp, chunk_labels, reduction="sum")
         tempered = logp if temperature == 1 else log_probs(logits.to(dtype) / temperature)
         return torch.stack([ce, (w.to(tempered.dtype) * divergence(tempered, t_logp, skew_lambda)).sum()])

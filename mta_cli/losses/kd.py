@@ -104,7 +104,7 @@ def compiled_sums() -> Callable[..., Tensor]:
     return torch.compile(_sums, dynamic=True)
 
 
-def _teacher_logp(teacher_logits: Tensor, temperature: float) -> Tensor:
+def teacher_log_probs(teacher_logits: Tensor, temperature: float) -> Tensor:
     """Teacher log-probabilities at `temperature`, without a graph."""
     with torch.no_grad():
         return log_probs(teacher_logits if temperature == 1 else teacher_logits / temperature)
@@ -217,7 +217,7 @@ def kd_loss_from_logits(
         sums = _sums(student_logits, labels, None, temperature)
     else:
         sums = _sums(student_logits, labels, bound_divergence(loss, skew_lambda, akl_mu), temperature,
-                     (_teacher_logp(teacher_logits, temperature),))
+                     (teacher_log_probs(teacher_logits, temperature),))
     return _reduce(sums, labels.numel(), loss, alpha)
 
 
@@ -251,7 +251,7 @@ def kd_loss(
         if divergence is None:
             return term_sums(head(s_hidden), chunk_labels, None, temperature)
         with torch.no_grad():
-            t_logp = _teacher_logp(teacher_head(t_hidden), temperature)
+            t_logp = teacher_log_probs(teacher_head(t_hidden), temperature)
         return term_sums(head(s_hidden), chunk_labels, divergence, temperature, (t_logp,))
 
     n = labels.numel()

@@ -21,9 +21,6 @@ from typing import Iterator
 from mta_cli.cache.reader import CacheReader
 from mta_cli.training.batches import Batch, CacheBatches
 
-ROLES = ("dataset", "teacher", "student")
-
-
 def parse_cache_spec(spec: str) -> tuple[str, float | None]:
     """"PATH" or "PATH:WEIGHT" (URLs keep their own colons) -> (path, weight or None)."""
     head, sep, tail = str(spec).rpartition(":")

@@ -51,6 +51,10 @@ class ObjectiveConfig:
         if self.topk and self.loss in ("fdd", "distillm2"):
             raise ValueError(f"--loss {self.loss} needs the teacher's exact distributions; it cannot train from top-k "
                              "log-probs (drop --topk)")
+        if self.compile_loss and (self.topk or self.loss in ("fdd", "distillm2")):
+            what = "--topk" if self.topk else f"--loss {self.loss}"
+            raise ValueError(f"--compile-loss compiles the chunked loss of sft and the KD losses on the exact teacher "
+                             f"logits; {what} does not use it: drop --compile-loss")
         check_choice(self, "student_pooling", ("student", "teacher"))
         check_number(self, "kd_alpha", 0, 1)
         check_number(self, "temperature", 0, 1e3, low_open=True)

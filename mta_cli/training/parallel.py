@@ -62,10 +62,6 @@ def wrap(model: Distilled, ranks: Ranks, fsdp: bool) -> nn.Module:
     return model
 
 
-def unwrapped(model: nn.Module) -> Distilled:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def sharded(model: nn.Module) -> bool:
     """Whether the parameters are FSDP shards (the full tensors exist only gathered)."""
     return any(isinstance(p, DTensor) for p in model.parameters())

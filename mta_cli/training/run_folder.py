@@ -24,7 +24,7 @@ FIRST_ATTEMPT_FILES = {"metrics.jsonl", RECORD, "checkpoints", *LOGS}
 RESUMABLE = ("max_steps", "epochs", "checkpoint_every", "device", "fsdp", "report_to", "out", "resume")
 # Objective settings a resumed run may change: derived from the others, or how fast a step runs, not what it does.
 RESUMABLE_OBJECTIVE = ("key_layers", "compile_loss")
-PATH_FIELDS = ("out", "cache", "teacher", "data", "student", "student_config")
+PATH_FIELDS = ("out", "cache", "dev_cache", "teacher", "data", "student", "student_config")
 
 
 def run_config(config) -> dict:
@@ -78,12 +78,12 @@ def check_resume(out: Path, config) -> None:
     if not path.exists():
         return
     recorded = json.loads(path.read_text())
-    now = run_config(config)
+    now, default = run_config(config), defaults(config)
     differences = []
     for key in sorted(set(recorded) | set(now)):
         if key in RESUMABLE or key == "tool":
             continue
-        old, new = recorded.get(key, defaults(config).get(key)), now.get(key)
+        old, new = recorded.get(key, default.get(key)), now.get(key)
         if key == "objective":
             old_objective = defaults(config.objective) | (old or {})
             old, new = ({k: v for k, v in d.items() if k not in RESUMABLE_OBJECTIVE} for d in (old_objective, new))

@@ -63,14 +63,15 @@ def key_layers(student_layers: list[int] | None, teacher_layers: list[int] | Non
     return schedule, origin
 
 
-def same_teacher(readers: list[CacheReader]) -> None:
-    """Refuse caches of different teachers (or tokenizations) in one run, naming both."""
+def same_teacher(readers: list[CacheReader], flag: str = "--cache") -> None:
+    """Refuse caches of different teachers (or tokenizations) in one run, naming both; `flag` is the option
+    that gave the caches after the first."""
     first = readers[0]
     for other in readers[1:]:
         for key, what in (("teacher", "weights"), ("tokenizer_sha256", "tokenizer")):
             a, b = first.meta["config"][key], other.meta["config"][key]
             if a != b:
-                raise CacheError(f"--cache {first.url} and --cache {other.url} come from different teachers "
+                raise CacheError(f"--cache {first.url} and {flag} {other.url} come from different teachers "
                                  f"({first.meta['teacher']['path']} and {other.meta['teacher']['path']}: their {what} "
                                  "differ); a run trains against one teacher")
 

@@ -14,7 +14,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +29,7 @@ from mta_cli.student import build_student
 from mta_cli.training.batches import CacheBatches
 from mta_cli.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mta_cli.training.data import DataBatches
-from mta_cli.training.mixing import MixedBatches, StudentDataSchedule
+from mta_cli.training.mixing import MixedBatches, StudentDataSchedule, cache_role
 from mta_cli.training.loggers import MetricsLoggers, check_reporters
 from mta_cli.training.objective import Objective, ObjectiveConfig
 from mta_cli.training.parallel import (Distilled, clip_gradients, full_model_state, mean_over_ranks, sharded,
@@ -41,6 +41,10 @@ from mta_cli.training.source import Source, key_layers, same_teacher, source_kin
 
 class TrainingDiverged(ValueError):
     """The loss or the gradients went non-finite; nothing was saved after the last good checkpoint."""
+
+
+# The options of DistiLLM's adaptive share of student-generated data (--student-data adaptive).
+ADAPTIVE_OPTIONS = ("dev_cache", "eval_every", "student_data_init", "student_data_step", "student_data_eps")
 
 
 @dataclass
@@ -92,10 +96,11 @@ class TrainConfig:
         return cls(objective=ObjectiveConfig(**settings["objective"] | (objective or {})),
                    **settings["train"] | options, recipe=name)
 
+    report_to: list[str] = field(default_factory=list)  # also log metrics to: tensorboard, wandb
+
     @property
     def cache_specs(self) -> list[str]:
         return [] if not self.cache else [self.cache] if isinstance(self.cache, str) else list(self.cache)
-    report_to: list[str] = field(default_factory=list)  # also log metrics to: tensorboard, wandb
 
     def __post_init__(self) -> None:
         check_reporters(self.report_to)
@@ -124,6 +129,12 @@ class TrainConfig:
         if self.student_data == "adaptive" and not (self.cache and self.dev_cache and self.eval_every):
             raise ValueError("--student-data adaptive needs --cache (dataset and student-generated caches), "
                              "--dev-cache and --eval-every N")
+        if self.student_data != "adaptive":
+            defaults = {f.name: f.default for f in fields(self)}
+            given = [f"--{name.replace('_', '-')}" for name in ADAPTIVE_OPTIONS if getattr(self, name) != defaults[name]]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only used by --student-data adaptive (DistiLLM's adaptive share "
+                                 "of student-generated data); add it, or drop them")
         if not self.objective.uses_key_layers:
             given = [f for f, v in (("--student-layers", self.student_layers), ("--teacher-layers", self.teacher_layers),
                                     ("--word-layers", self.word_layers != 1)) if v]
@@ -213,6 +224,15 @@ def prepare(config: TrainConfig, device: torch.device,
     return run
 
 
+def check_distillm2_data(config: TrainConfig, source: Source) -> None:
+    """DistiLLM-2 contrasts the dataset's responses with the student's own: without a student-generated cache
+    only its first term would train, so refuse."""
+    if config.objective.loss == "distillm2" and not (source.cached and "student" in map(cache_role, source.readers)):
+        raise ValueError("--loss distillm2 contrasts the teacher on the dataset's responses with the student's own "
+                         "responses: give --cache for the dataset and a second --cache extracted from the student's "
+                         "generations (mta generate, then mta extract)")
+
+
 def own_tokenizer(source: Source, tokenizer) -> bool:
     """Whether the student tokenizes for itself (its tokenizer is not the cache's)."""
     return bool(source.tokenizer_sha) and tokenizer_fingerprint(tokenizer) != source.tokenizer_sha
@@ -224,9 +244,10 @@ def build(config: TrainConfig, device: torch.device, report: Callable[[str, dict
                                   "online": f"loading the teacher {config.teacher}",
                                   "data": f"reading {config.data}"}[source_kind(config)]})
     source = Source(config, device)
-    if config.objective.topk and (not source.cached or not source.reader.meta["config"]["top_k"]):
-        raise ValueError("--topk trains from the sparse teacher log-probs of a cache extracted with --top-k K; "
-                         "this source has none")
+    if config.objective.topk and (not source.cached or not all(r.meta["config"]["top_k"] for r in source.readers)):
+        raise ValueError("--topk trains from the sparse teacher log-probs of caches extracted with --top-k K; "
+                         "this source (or one of its caches) has none")
+    check_distillm2_data(config, source)
     tokenizer = source.tokenizer()
     if own_tokenizer(source, tokenizer) and config.objective.loss != "sft":
         raise ValueError(f"the student's tokenizer differs from the teacher's: --loss {config.objective.loss} "
@@ -256,7 +277,7 @@ def start_schedule(run: Run, config: TrainConfig, source: Source, layers: list[i
     """DistiLLM's adaptive share of student-generated data: the dev batches, the schedule (restored on resume,
     else started from the dev loss of the initial student) and the mixer's weights."""
     dev_reader = CacheReader(config.dev_cache)
-    same_teacher([source.reader, dev_reader])
+    same_teacher([source.reader, dev_reader], "--dev-cache")
     pad = dev_reader.meta["tokenizer"]["pad_token_id"] or 0
     run.dev_batches = list(CacheBatches(dev_reader, config.batch_size, layers, config.seed, pad, prefetch=False)
                            .iterate(0))
