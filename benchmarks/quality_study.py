@@ -21,6 +21,7 @@ stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import DOLLY, REPO, report, teacher_gguf
+from mta_cli.paired import interval
 
 MTA = [sys.executable, "-m", "mta_cli"]
 RECIPES = REPO / "examples" / "recipes"
@@ -53,21 +55,27 @@ class Preset:
     other_records: int          # dev prompts for the one-seed rows and the λ sweep
     other_seeds: tuple[int, ...]
     nll_records: int
+    others: tuple[str, ...]     # the one-seed rows (names of OTHERS)
 
-
-PRESETS = {
-    "cpu": Preset(train_records=1000, teacher_steps=100, teacher_lr=2e-5, keep_layers=10, train_seeds=(0, 1, 2),
-                  main_records=200, main_seeds=(10, 20, 30), other_records=100, other_seeds=(10,), nll_records=1000),
-    "gpu": Preset(train_records=2623, teacher_steps=600, teacher_lr=2e-5, keep_layers=12, train_seeds=(0, 1, 2),
-                  main_records=500, main_seeds=(10, 20, 30, 40, 50), other_records=500, other_seeds=(10, 20, 30),
-                  nll_records=1000),
-}
 
 MAIN = {"sft": "sft", "srkl": "srkl", "srkl+mta": "srkl-mta"}                 # row -> recipe
 OTHERS = {"fkl": "fkl", "srkl+dsa": "srkl-dsa", "srkl+hid": "srkl-hid", "distillm": "distillm",
           "distillm+mta": "distillm-mta", "srkl+mta dsa=0.5": "srkl-mta-dsa-0.5", "srkl+mta dsa=8": "srkl-mta-dsa-8",
           "srkl+mta hid=0.05": "srkl-mta-hid-0.05", "srkl+mta hid=0.8": "srkl-mta-hid-0.8",
           "srkl+mta group": "srkl-mta-group"}
+# The issue's rows: fkl, DSA only, Hid only and the λ sweep; the CPU preset leaves DistiLLM ± MTA and the
+# group weighting out to fit its time.
+REQUIRED_OTHERS = ("fkl", "srkl+dsa", "srkl+hid", "srkl+mta dsa=0.5", "srkl+mta dsa=8", "srkl+mta hid=0.05",
+                   "srkl+mta hid=0.8")
+
+PRESETS = {
+    "cpu": Preset(train_records=1000, teacher_steps=100, teacher_lr=2e-5, keep_layers=10, train_seeds=(0, 1, 2),
+                  main_records=200, main_seeds=(10, 20, 30), other_records=100, other_seeds=(10,), nll_records=1000,
+                  others=REQUIRED_OTHERS),
+    "gpu": Preset(train_records=2623, teacher_steps=600, teacher_lr=2e-5, keep_layers=12, train_seeds=(0, 1, 2),
+                  main_records=500, main_seeds=(10, 20, 30, 40, 50), other_records=500, other_seeds=(10, 20, 30),
+                  nll_records=1000, others=tuple(OTHERS)),
+}
 
 
 def run(*args: str) -> None:
@@ -95,6 +103,23 @@ class Study:
         self.dev_main = first_lines(DOLLY / "dev.jsonl", preset.main_records, work / "dev-main.jsonl")
         self.dev_other = first_lines(DOLLY / "dev.jsonl", preset.other_records, work / "dev-other.jsonl")
         self.dev_nll = first_lines(DOLLY / "dev.jsonl", preset.nll_records, work / "dev-nll.jsonl")
+        self.timings = work / "timings.json"
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Add the wall time of the block to `name` in work/timings.json (summed over interrupted runs)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = json.loads(self.timings.read_text()) if self.timings.exists() else {}
+            seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - started, 1)
+            self.timings.write_text(json.dumps(seconds, indent=1))
+
+    def wall_minutes(self) -> dict[str, float]:
+        seconds = json.loads(self.timings.read_text()) if self.timings.exists() else {}
+        return {name: round(value / 60, 1) for name, value in seconds.items()} | {
+            "total": round(sum(seconds.values()) / 60, 1)}
 
     def teacher(self) -> tuple[str, Path]:
         """Stage 0: the instruct teacher and its SFT on Dolly train."""
@@ -180,8 +205,8 @@ def paired_interval(rows: list[np.ndarray], bases: list[np.ndarray], samples: in
     pick_seeds = rng.integers(0, k, size=(samples, k))
     pick_prompts = rng.integers(0, n, size=(samples, n))
     replicates = np.array([diffs[s][:, p].mean() for s, p in zip(pick_seeds, pick_prompts)])
-    low, high = np.percentile(replicates, [2.5, 97.5])
-    return float(diffs.mean()), float(low), float(high)
+    low, high = interval(replicates)
+    return float(diffs.mean()), low, high
 
 
 def eval_size(evaluation: dict, label: str) -> str:
@@ -235,17 +260,24 @@ PILOT = [(8, 5e-4), (10, 5e-4), (15, 5e-4), (10, 2e-4), (10, 1e-3)]  # (kept lay
 
 def pilot(study: Study) -> None:
     """The student choice: SFT students of several sizes and learning rates, the study's steps each, against the
-    untrained pruned copies and the fine-tuned teacher (NLL on the NLL records, ROUGE-L on the other records)."""
+    untrained pruned copies and the fine-tuned teacher (NLL on the NLL records, ROUGE-L on the other records).
+
+    Each candidate trains exactly as the study's SFT row (same cache, seed 0), so the study's own choice is its
+    SFT seed-0 student, reused when it exists."""
     _, tuned = study.teacher()
+    cache, _ = study.cache_and_student(tuned)
     models = {"teacher-sft": tuned}
     for keep, lr in PILOT:
         pruned = study.work / f"pruned-{keep}"
         if not (pruned / "config.json").exists():
             run("prune", "--teacher", tuned, "--keep-layers", keep, "--out", pruned)
-        out = study.work / "pilot" / f"sft-{keep}-{lr:g}"
-        run("train", *study.config, "--data", study.train, "--loss", "sft", "--student", pruned, "--lr", lr,
-            *study.lengths, "--out", out)
-        models |= {pruned.name: pruned, out.name: out}
+        if (keep, lr) == (study.p.keep_layers, study.options["train"]["lr"]):
+            out = study.train_student(cache, pruned, "sft", MAIN["sft"], 0)
+        else:
+            out = study.work / "pilot" / f"sft-{keep}-{lr:g}"
+            run("train", *study.config, "--config", str(RECIPES / "sft.toml"), "--cache", cache, "--student", pruned,
+                "--lr", lr, "--seed", 0, "--out", out)
+        models |= {pruned.name: pruned, f"sft-{keep}-{lr:g}": out}
     evaluation = study.evaluate(models, study.dev_other, study.p.other_seeds, "pilot")
     rows = [[label, f"{rouge_of(evaluation, label):.2f}", f"{study.nll(path)['nll']:.3f}"]
             for label, path in models.items()]
@@ -268,20 +300,26 @@ def main() -> None:
     if args.pilot:
         pilot(study)
         return
-    started = time.perf_counter()
-    original, tuned = study.teacher()
-    cache, pruned = study.cache_and_student(tuned)
-    students = {name: [study.train_student(cache, pruned, name, recipe, s) for s in preset.train_seeds]
-                for name, recipe in MAIN.items()}
-    others = {} if args.main_only else OTHERS
-    students |= {name: [study.train_student(cache, pruned, name, recipe, 0)] for name, recipe in others.items()}
+    with study.stage("teacher SFT"):
+        original, tuned = study.teacher()
+    with study.stage("extraction and pruning"):
+        cache, pruned = study.cache_and_student(tuned)
+    with study.stage("students (three-seed rows)"):
+        students = {name: [study.train_student(cache, pruned, name, recipe, s) for s in preset.train_seeds]
+                    for name, recipe in MAIN.items()}
+    others = {} if args.main_only else {name: OTHERS[name] for name in preset.others}
+    with study.stage("students (one-seed rows)"):
+        students |= {name: [study.train_student(cache, pruned, name, recipe, 0)] for name, recipe in others.items()}
     reference = dict(zip(REFERENCE, (original, tuned, pruned)))
     main_rows = {label: path for name in MAIN for label, path in zip(labels(name, students[name]), students[name])}
     other_rows = {label: students[name][0] for name in ("srkl", *others) for label in labels(name, students[name][:1])}
-    evals = {"main": study.evaluate(main_rows, study.dev_main, preset.main_seeds, "main"),
-             "reference": study.evaluate(reference, study.dev_other, preset.other_seeds, "reference")}
+    with study.stage("evaluation (three-seed rows)"):
+        evals = {"main": study.evaluate(main_rows, study.dev_main, preset.main_seeds, "main")}
+    with study.stage("evaluation (reference rows)"):
+        evals["reference"] = study.evaluate(reference, study.dev_other, preset.other_seeds, "reference")
     if others:
-        evals["other"] = study.evaluate(other_rows, study.dev_other, preset.other_seeds, "other")
+        with study.stage("evaluation (one-seed rows)"):
+            evals["other"] = study.evaluate(other_rows, study.dev_other, preset.other_seeds, "other")
 
     def publish(nll: dict) -> None:
         rows, figures = table(students, evals, nll)
@@ -289,14 +327,15 @@ def main() -> None:
                ["model", "training seeds", "dev prompts x sampling seeds",
                 "ROUGE-L (mean ± std over training seeds)", "Δ vs srkl [95% CI]",
                 f"NLL ({preset.nll_records} dev records)"], rows,
-               asdict(preset) | study.options | {"wall_minutes": round((time.perf_counter() - started) / 60, 1),
+               asdict(preset) | study.options | {"wall_minutes": study.wall_minutes(),
                                                  "rows": "main only" if args.main_only else "all"},
                {"figures": figures})
 
     publish({})  # the ROUGE-L figures first: the reference NLL of every model takes a while
-    nll = {label: study.nll(path) for label, path in main_rows.items()}
-    publish(nll)
-    nll |= {label: study.nll(path) for label, path in reference.items()}
+    with study.stage("reference NLL"):
+        nll = {label: study.nll(path) for label, path in main_rows.items()}
+        publish(nll)
+        nll |= {label: study.nll(path) for label, path in reference.items()}
     publish(nll)
     run("report", *[p for paths in students.values() for p in paths],
         *[study.work / f"eval-{name}.json" for name in evals if name != "reference"], cache,
