@@ -37,11 +37,11 @@ app.add_typer(cache_app, name="cache")
 LOSS_COMPONENTS = ("loss", "ce", "kd", "fdd_traj", "fdd_delta", "dsa", "hid")  # as in metrics.jsonl, when present
 
 
-def left_at_default(ctx: typer.Context, name: str) -> bool | None:
-    """Whether option `name` kept its default (None when it is no option); typer ships its own click, so the
-    source is compared by name."""
+def left_at_default(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` kept its default (so a recipe's value may replace it); a name that is no command-line
+    parameter counts as left at default. typer ships its own click, so the source is compared by name."""
     source = ctx.get_parameter_source(name)
-    return None if source is None else source.name == "DEFAULT"
+    return source is None or source.name == "DEFAULT"
 
 
 def version_callback(value: bool) -> None:
