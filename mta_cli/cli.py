@@ -249,6 +249,8 @@ def train(
                                    "trains on its share of it"),
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0, help="steps between checkpoints (0: none)"),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", min=0, help="newest checkpoints kept on disk, "
+                                         "older ones deleted (0: keep all)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda; under torchrun each "
                                "rank takes the GPU of its LOCAL_RANK"),
@@ -301,7 +303,7 @@ def train(
             teacher_layers=parse_ints(teacher_layers, "--teacher-layers"), word_layers=word_layers, lr=lr,
             projector_lr=projector_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             max_grad_norm=max_grad_norm, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume, device=device, fsdp=fsdp,
+            batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume, device=device, fsdp=fsdp,
             max_length=max_length, max_prompt_length=max_prompt_length, student_data=student_data,
             dev_cache=dev_cache, eval_every=eval_every, student_data_eps=student_data_eps,
             report_to=list(report_to or []),

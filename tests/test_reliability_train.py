@@ -314,3 +314,10 @@ def test_the_dev_cache_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
     (tmp_path / "dev.zarr").mkdir()
     settings = TrainConfig(out="run", cache="c.zarr", student_data="adaptive", dev_cache="dev.zarr", eval_every=2)
     assert record_of(settings)["dev_cache"] == str(tmp_path / "dev.zarr")
+
+
+@pytest.mark.parametrize("keep, kept", [(2, ["step-000003", "step-000004"]), (1, ["step-000004"]),
+                                        (0, ["step-000001", "step-000002", "step-000003", "step-000004"])])
+def test_only_the_newest_checkpoints_are_kept(keep, kept, tmp_path, good):
+    train(run_config(tmp_path / "run", good, max_steps=4, checkpoint_every=1, keep_checkpoints=keep))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == kept

@@ -27,7 +27,7 @@ from mta_cli.models import hidden_size, n_layers, tokenizer_fingerprint
 from mta_cli.options import check_choice, check_number
 from mta_cli.student import build_student
 from mta_cli.training.batches import CacheBatches
-from mta_cli.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mta_cli.training.checkpoint import drop_old_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from mta_cli.training.data import DataBatches
 from mta_cli.training.mixing import MixedBatches, StudentDataSchedule, cache_role
 from mta_cli.training.loggers import MetricsLoggers, check_reporters
@@ -74,6 +74,7 @@ class TrainConfig:
     batch_size: int = 8                 # the global batch: under torchrun each rank takes its share of it
     seed: int = 0
     checkpoint_every: int = 100
+    keep_checkpoints: int = 2          # the newest checkpoints kept on disk (0: all)
     resume: bool = False
     device: str = "auto"
     fsdp: bool = False                  # under torchrun: shard the student with FSDP2 instead of DDP
@@ -115,6 +116,7 @@ class TrainConfig:
         check_number(self, "batch_size", 1, integer=True)
         check_number(self, "seed", 0, 2**63 - 1, integer=True)
         check_number(self, "checkpoint_every", 0, integer=True)
+        check_number(self, "keep_checkpoints", 0, integer=True)
         check_number(self, "keep_layers", 1, integer=True, optional=True)
         check_number(self, "word_layers", 0, integer=True)
         check_number(self, "max_length", 2, 1 << 20, integer=True)
@@ -418,6 +420,8 @@ def _loop(config: TrainConfig, run: Run, out: Path, device: torch.device,
                         position["schedule"] = run.schedule.state_dict()
                     save_checkpoint(out / "checkpoints" / f"step-{step:06d}", model, optimizer, scheduler, position,
                                     ranks)
+                    if ranks.main:
+                        drop_old_checkpoints(out, config.keep_checkpoints)
                 step_started = time.perf_counter()
                 if step >= run.total_steps:
                     break
