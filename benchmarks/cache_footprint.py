@@ -1,7 +1,7 @@
 """Benchmark 2 — cache footprint.
 
 Bytes per token on disk (compressed, head excluded) of the default cache (layers 15, 22, 30 in
-bf16) and of its fp32, fp16, int8 and top-k 64 variants, measured by extracting the same records;
+bf16) and of its fp32, fp16, int8, mixed (last layer bf16, other key layers int8) and top-k 64 variants, measured by extracting the same records;
 beside two computed references: dense teacher logits in bf16 (vocab x 2 bytes) and every layer's
 states in bf16 (31 x 576 x 2 bytes, uncompressed).
 
@@ -18,7 +18,8 @@ from mta_cli.cache.inspect import info
 from mta_cli.extraction import ExtractConfig, extract
 
 VARIANTS = [("bf16 (default)", {"dtype": "bf16"}), ("fp32", {"dtype": "fp32"}), ("fp16", {"dtype": "fp16"}),
-            ("int8", {"dtype": "int8"}), ("bf16 + top-k 64", {"dtype": "bf16", "top_k": 64})]
+            ("int8", {"dtype": "int8"}), ("bf16 last layer + int8 key layers", {"dtype": "bf16", "key_dtype": "int8"}),
+            ("bf16 + top-k 64", {"dtype": "bf16", "top_k": 64})]
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
     teacher, data = teacher_folder(), dolly_subset("train", args.records)
     rows, figures = [], {}
     for name, options in VARIANTS:
-        out = WORK / f"footprint-{options['dtype']}-{options.get('top_k', 0)}.zarr"
+        out = WORK / f"footprint-{options['dtype']}-{options.get('key_dtype', '')}-{options.get('top_k', 0)}.zarr"
         shutil.rmtree(out, ignore_errors=True)
         extract(ExtractConfig(teacher=str(teacher), data=str(data), out=str(out), max_length=256,
                               max_prompt_length=128, **options))
