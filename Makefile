@@ -13,7 +13,7 @@ demo: setup
 # Benchmarks (real teacher, ../shared/data/dolly); each prints a markdown table and writes
 # benchmarks/results/<name>.json. `make bench` runs all six.
 BENCH = .venv/bin/python -m benchmarks
-.PHONY: bench bench-extract bench-footprint bench-train bench-loader bench-e2e bench-bases bench-scale
+.PHONY: bench bench-extract bench-footprint bench-train bench-loader bench-e2e bench-bases bench-scale bench-precision
 
 bench: bench-extract bench-footprint bench-train bench-loader bench-e2e bench-scale
 
@@ -39,3 +39,7 @@ bench-bases: setup
 
 bench-scale: setup
 	$(BENCH).scale
+
+# Not part of `make bench` (about 10 minutes): training from the int8 and mixed caches against the bf16 one.
+bench-precision: setup
+	$(BENCH).cache_precision
