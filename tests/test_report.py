@@ -47,7 +47,7 @@ def evaluation(tmp_path_factory, tiny_teacher_dir, tiny_fp32_cache, runs) -> Pat
     base = tmp_path_factory.mktemp("eval")
     files = []
     for name, records in (("a.jsonl", tiny.RECORDS[:3]), ("b.jsonl", tiny.RECORDS[3:5])):
-        (base / tiny.write_jsonl(name), records)
+        tiny.write_jsonl(base / name, records)
         files += ["--data", base / name]
     out = base / "eval.json"
     result = cli("eval", "--model", f"teacher={tiny_teacher_dir}", "--model", runs[1], *files, "--seeds", "10,20",
