@@ -23,7 +23,8 @@ from mta_cli.cache import inspect as cache_inspect
 from mta_cli.cache.reader import CacheReader
 from mta_cli.cache.store import CacheError, CacheWriter
 from mta_cli.extraction import ExtractConfig, extract
-from tests.test_extract import LINES, MAX_LENGTH, MAX_PROMPT, write_jsonl
+from tests.test_extract import LINES, MAX_LENGTH, MAX_PROMPT
+from tests.tiny import write_jsonl
 
 N_SAMPLES, SHARD_SIZE = 8, 3  # shards of 3, 3 and 2 samples
 

@@ -29,6 +29,7 @@ from mta_cli.models import load_causal_lm, load_tokenizer
 from mta_cli.records import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_records
 from mta_cli.segment import Segmenter, spans_to_token_ranges
 from tests import tiny
+from tests.tiny import write_jsonl
 
 MAX_LENGTH, MAX_PROMPT = 64, 32
 
@@ -57,12 +58,6 @@ ALPACA = [
      "output": "A fox jumps over a dog."},
     {"instruction": "Describe photosynthesis.", "output": "Plants convert light energy into sugar."},
 ]
-
-
-def write_jsonl(path: Path, lines: list) -> Path:
-    path.write_text("".join(("" if obj is None else json.dumps(obj, ensure_ascii=False)) + "\n" for obj in lines),
-                    encoding="utf-8")
-    return path
 
 
 def run(teacher, data, out, **options) -> tuple:

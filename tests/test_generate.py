@@ -28,14 +28,9 @@ from mta_cli.extraction import ExtractConfig, extract
 from mta_cli.generation import GenerateConfig, generate_records
 from mta_cli.models import load_causal_lm, weights_fingerprint
 from tests import tiny
+from tests.tiny import write_jsonl
 
 NEW_TOKENS = 8
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows),
-                    encoding="utf-8")
-    return path
 
 
 def read_jsonl(path: Path) -> list[dict]:

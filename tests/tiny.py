@@ -112,7 +112,10 @@ def save_tiny_model(directory: Path, tok, model) -> Path:
     return directory
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    """Write `records` to `path`, one JSON object per line (the format of `--data`)."""
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Write `rows` to `path`, one per line (the format of `--data`): a dict as JSON, a str as it is (to write
+    broken lines), None as an empty line."""
+    lines = ("" if row is None else row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)
+             for row in rows)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
