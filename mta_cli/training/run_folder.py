@@ -21,7 +21,8 @@ LOGS = (TENSORBOARD_DIR, "wandb")  # folders of --report-to
 FIRST_ATTEMPT_FILES = {"metrics.jsonl", RECORD, "checkpoints", *LOGS}
 # Options a resumed run may change: they extend or relocate the run (a copied run folder resumes too) without
 # changing what one step does.
-RESUMABLE = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "device", "fsdp", "report_to", "out", "resume")
+RESUMABLE = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "device", "fsdp", "report_to", "out",
+             "resume")
 # Objective settings a resumed run may change: derived from the others, or how fast a step runs, not what it does.
 RESUMABLE_OBJECTIVE = ("key_layers", "compile_loss")
 PATH_FIELDS = ("out", "cache", "dev_cache", "teacher", "data", "student", "student_config")

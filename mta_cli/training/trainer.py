@@ -14,7 +14,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +35,8 @@ from mta_cli.training.objective import Objective, ObjectiveConfig
 from mta_cli.training.parallel import (Distilled, clip_gradients, full_model_state, mean_over_ranks, sharded,
                                       total_over_ranks, wrap)
 from mta_cli.training.recipes import recipe
-from mta_cli.training.run_folder import check_run_folder, holds_run, run_config, start_over, write_run_config
+from mta_cli.training.run_folder import (check_run_folder, defaults, holds_run, run_config, start_over,
+                                         write_run_config)
 from mta_cli.training.source import Source, key_layers, same_teacher, source_kind
 
 
@@ -88,6 +89,7 @@ class TrainConfig:
     student_data_init: float = 0.0      # adaptive: the share at the start (DistiLLM: 0)
     student_data_step: float = 0.1      # adaptive: the rise when the dev loss grew
     student_data_eps: float = 0.1       # adaptive: the growth of the dev loss that counts
+    report_to: list[str] = field(default_factory=list)  # also log metrics to: tensorboard, wandb
 
     @classmethod
     def from_recipe(cls, name: str, objective: dict | None = None, **options) -> "TrainConfig":
@@ -96,8 +98,6 @@ class TrainConfig:
         settings = recipe(name)
         return cls(objective=ObjectiveConfig(**settings["objective"] | (objective or {})),
                    **settings["train"] | options, recipe=name)
-
-    report_to: list[str] = field(default_factory=list)  # also log metrics to: tensorboard, wandb
 
     @property
     def cache_specs(self) -> list[str]:
@@ -132,8 +132,8 @@ class TrainConfig:
             raise ValueError("--student-data adaptive needs --cache (dataset and student-generated caches), "
                              "--dev-cache and --eval-every N")
         if self.student_data != "adaptive":
-            defaults = {f.name: f.default for f in fields(self)}
-            given = [f"--{name.replace('_', '-')}" for name in ADAPTIVE_OPTIONS if getattr(self, name) != defaults[name]]
+            default = defaults(self)
+            given = [f"--{name.replace('_', '-')}" for name in ADAPTIVE_OPTIONS if getattr(self, name) != default[name]]
             if given:
                 raise ValueError(f"{', '.join(given)}: only used by --student-data adaptive (DistiLLM's adaptive share "
                                  "of student-generated data); add it, or drop them")
