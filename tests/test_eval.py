@@ -14,8 +14,10 @@ from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from mta_cli import evaluation
 from mta_cli.cli_eval import eval_command
 from mta_cli.evaluation import FileResult, ModelResult, evaluate, generate, reference_nll, render_table, rouge_l
+from mta_cli.losses.kd import LogitHead
 from mta_cli.records import Record, load_records
 from tests import reference, tiny
 
@@ -111,6 +113,33 @@ def test_reference_nll_is_the_token_mean_cross_entropy(model, bl_tok):
     assert result.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
     assert result.per_record == pytest.approx(per_record, rel=1e-5)
     assert len(set(len(r.responses[0]) for r in RECORDS)) == len(RECORDS)  # lengths differ: the order is tested
+
+
+def test_reference_nll_falls_back_to_the_full_logits_when_the_head_does_not_reproduce_them(model, bl_tok,
+                                                                                         monkeypatch):
+    """Scored from hidden states and the output head when that head reproduces the model's logits (checked on the
+    first batch), else from the model's full logits: the same figures either way."""
+    exact = reference_nll(model, bl_tok, RECORDS, batch_size=2)
+    real_head = evaluation.output_head
+    scorers = []
+
+    def wrong_head(m):
+        head = real_head(m)
+        return LogitHead(head.weight, head.bias, scale=2.0)
+
+    class Recorded(evaluation.ResponseScorer):
+        def __init__(self, m):
+            super().__init__(m)
+            scorers.append(self)
+
+    monkeypatch.setattr(evaluation, "ResponseScorer", Recorded)
+    assert reference_nll(model, bl_tok, RECORDS, batch_size=2) == exact
+    assert scorers[-1].exact_head is True
+    monkeypatch.setattr(evaluation, "output_head", wrong_head)
+    fallback = reference_nll(model, bl_tok, RECORDS, batch_size=2)
+    assert scorers[-1].exact_head is False
+    assert fallback.nll == pytest.approx(exact.nll, rel=1e-6)
+    assert fallback.per_record == pytest.approx(exact.per_record, rel=1e-6)
 
 
 def test_evaluate_greedy_reports_one_pass(model_dirs, data_files):
