@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mta_cli.losses import (
     DIVERGENCES,
@@ -17,6 +18,7 @@ from mta_cli.losses import (
     topk_forward_kl,
     topk_kd_loss,
 )
+from mta_cli.losses.closed_form import closed_form_sums, mixture_terms
 from mta_cli.losses.divergences import log_probs
 
 # 3 positions x 4 vocab, logits of student and teacher.
@@ -148,11 +150,14 @@ def make_problem(n=7, d_s=5, d_t=6, vocab=11, seed=0):
     return s_hidden, s_head, t_hidden, t_head, labels
 
 
+@pytest.mark.parametrize("temperature,skew_lambda", [(2.0, 0.1), (1.0, 0.3)])
 @pytest.mark.parametrize("loss", ["sft", *sorted(DIVERGENCES)])
-def test_chunked_kd_loss_equals_full_logits_in_value_and_gradient(loss):
-    """fp64, chunk_size 3 < N = 7 (uneven last chunk): values and gradients agree within 1e-10."""
+def test_chunked_kd_loss_equals_full_logits_in_value_and_gradient(loss, temperature, skew_lambda):
+    """fp64, chunk_size 3 < N = 7 (uneven last chunk): values and gradients agree within 1e-10. The chunked loss
+    differentiates the KL family in closed form (`closed_form`), the full-logits one by autograd; at temperature 1
+    CE and divergence share one log_softmax."""
     s_hidden, s_head, t_hidden, t_head, labels = make_problem()
-    kwargs = dict(loss=loss, alpha=0.7, temperature=2.0)
+    kwargs = dict(loss=loss, alpha=0.7, temperature=temperature, skew_lambda=skew_lambda)
     chunked = kd_loss(s_hidden, s_head, t_hidden, t_head, labels, chunk_size=3, **kwargs)
     grads = torch.autograd.grad(chunked["loss"], [s_hidden, s_head.weight])
 
@@ -262,12 +267,32 @@ def test_topk_kd_loss_rejects_divergences_that_need_the_full_distribution():
 def test_kl_family_gradient_is_finite_for_extreme_logits():
     s = torch.tensor([[0.0, -200.0, 50.0]], requires_grad=True)
     t = torch.tensor([[60.0, 0.0, -300.0]])
-    for name in ("fkl", "rkl", "skl", "srkl"):
+    for name in ("fkl", "rkl", "skl", "srkl", "js"):
         (grad,) = torch.autograd.grad(DIVERGENCES[name](log_probs(s), log_probs(t)).sum(), s)
         assert grad.isfinite().all(), name
+        sums = closed_form_sums(s, torch.tensor([1]), log_probs(t), mixture_terms(name), 1.0)
+        (closed,) = torch.autograd.grad(sums[1], s)
+        torch.testing.assert_close(closed, grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_the_compiled_chunk_loss_equals_the_eager_one():
+def test_closed_form_takes_half_precision_logits_and_returns_their_dtype():
+    """bf16 logits are upcast for the sums (as `_sums` does) and the gradient comes back in bf16."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, generator=g).to(torch.bfloat16).requires_grad_()
+    t_logp, labels = log_probs(torch.randn(6, 40, generator=g)), torch.randint(0, 40, (6,), generator=g)
+    sums = closed_form_sums(logits, labels, t_logp, mixture_terms("srkl"), 1.0)
+    (grad,) = torch.autograd.grad(sums @ torch.tensor([0.3, 0.7]), logits)
+    reference = logits.detach().float().requires_grad_()
+    logp = log_probs(reference)
+    expected_sums = torch.stack([F.nll_loss(logp, labels, reduction="sum"), DIVERGENCES["srkl"](logp, t_logp).sum()])
+    (expected,) = torch.autograd.grad(expected_sums @ torch.tensor([0.3, 0.7]), reference)
+    assert sums.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(sums, expected_sums)
+    torch.testing.assert_close(grad.float(), expected, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("loss", ["srkl", "tvd"])  # compiled closed form; compiled autograd
+def test_the_compiled_chunk_loss_equals_the_eager_one(loss):
     """--compile-loss changes how the per-chunk sums are computed, not what: loss and gradients as eager."""
     from mta_cli.losses import LogitHead, kd_loss
 
@@ -277,7 +302,7 @@ def test_the_compiled_chunk_loss_equals_the_eager_one():
     results = []
     for compile in (False, True):
         h_s = torch.randn(13, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        out = kd_loss(h_s, head_s, h_t, head_t, labels, "srkl", 0.5, 2.0, chunk_size=5, compile=compile)
+        out = kd_loss(h_s, head_s, h_t, head_t, labels, loss, 0.5, 2.0, chunk_size=5, compile=compile)
         out["loss"].backward()
         results.append((out["loss"].detach(), out["kd"], h_s.grad))
     for eager, compiled in zip(*results):

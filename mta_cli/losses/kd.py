@@ -4,6 +4,8 @@ The cache stores the teacher's last hidden state and its output head, so exact t
 recomputed here with one matmul. For a 150k vocabulary [N, V] logits do not fit for long batches,
 so `kd_loss` walks the positions in chunks and fuses head and loss (`_FusedChunks`): each chunk's
 student and teacher logits are built, reduced to two sums, and differentiated at once, then freed.
+SFT and the KL family (fkl, rkl, skl, srkl, js) are differentiated in closed form (`closed_form`), TVD and
+AKL by autograd.
 Peak memory is O(chunk_size * V) plus the gradients of the hidden states and the head; nothing is
 recomputed in backward.
 
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mta_cli.losses.closed_form import closed_form_sums, mixture_terms
 from mta_cli.losses.divergences import DIVERGENCES, bound_divergence, log_probs, topk_forward_kl
 
 LOSSES = ("sft", *DIVERGENCES)
@@ -241,18 +244,23 @@ def kd_loss(
     student_hidden [N, dS], teacher_hidden [N, dT] (None for "sft"), labels [N].
     Gradients reach student_hidden and the student head's tensors; the teacher side runs under no_grad.
     Returns what `kd_loss_from_logits` returns for the full logits (sums over `denominator` when given).
-    `compile` uses `compiled_sums`.
+    `compile` compiles the per-chunk work (`closed_form.compiled_sums_and_gradients`, or `compiled_sums` for
+    tvd and akl).
     """
     _check(loss, alpha, temperature)
     divergence = bound_divergence(loss, skew_lambda, akl_mu) if loss != "sft" else None
+    terms = mixture_terms(loss, skew_lambda)
+    closed_form = divergence is None or terms is not None
     term_sums = compiled_sums() if compile else _sums
 
     def chunk_sums(head: LogitHead, s_hidden: Tensor, t_hidden: Tensor | None, chunk_labels: Tensor) -> Tensor:
-        if divergence is None:
-            return term_sums(head(s_hidden), chunk_labels, None, temperature)
-        with torch.no_grad():
-            t_logp = teacher_log_probs(teacher_head(t_hidden), temperature)
-        return term_sums(head(s_hidden), chunk_labels, divergence, temperature, (t_logp,))
+        t_logp = None
+        if divergence is not None:
+            with torch.no_grad():
+                t_logp = teacher_log_probs(teacher_head(t_hidden), temperature)
+        if closed_form:
+            return closed_form_sums(head(s_hidden), chunk_labels, t_logp, terms, temperature, compile)
+        return term_sums(head(s_hidden), chunk_labels, divergence, temperature, () if t_logp is None else (t_logp,))
 
     n = labels.numel()
     d = n if denominator is None else denominator
