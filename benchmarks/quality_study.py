@@ -69,7 +69,7 @@ REQUIRED_OTHERS = ("fkl", "srkl+dsa", "srkl+hid", "srkl+mta dsa=0.5", "srkl+mta 
                    "srkl+mta hid=0.8")
 
 PRESETS = {
-    "cpu": Preset(train_records=1000, teacher_steps=60, teacher_lr=2e-5, keep_layers=10, train_seeds=(0, 1, 2),
+    "cpu": Preset(train_records=1000, teacher_steps=50, teacher_lr=2e-5, keep_layers=10, train_seeds=(0, 1, 2),
                   main_records=200, main_seeds=(10, 20, 30), other_records=100, other_seeds=(10,), nll_records=1000,
                   others=REQUIRED_OTHERS),
     "gpu": Preset(train_records=2623, teacher_steps=600, teacher_lr=2e-5, keep_layers=12, train_seeds=(0, 1, 2),
