@@ -52,7 +52,7 @@ class ObjectiveConfig:
         if self.topk and self.loss in ("fdd", "distillm2"):
             raise ValueError(f"--loss {self.loss} needs the teacher's exact distributions; it cannot train from top-k "
                              "log-probs (drop --topk)")
-        if self.compile_loss and (self.topk or self.loss in ("fdd", "distillm2")):
+        if self.compile_loss and not self.chunked_loss:
             what = "--topk" if self.topk else f"--loss {self.loss}"
             raise ValueError(f"--compile-loss compiles the chunked loss of sft and the KD losses on the exact teacher "
                              f"logits; {what} does not use it: drop --compile-loss")
@@ -67,6 +67,12 @@ class ObjectiveConfig:
         check_choice(self, "mta_weighting", ("paper", "group"))
         if self.mta and not (self.use_dsa or self.use_hid):
             raise ValueError("--no-dsa and --no-hid together leave MTA with nothing to add; drop --mta instead")
+
+    @property
+    def chunked_loss(self) -> bool:
+        """Whether the base loss is the chunked loss of `kd_loss` (sft and the divergences on exact logits), the
+        one --compile-loss compiles."""
+        return not (self.topk or self.loss in ("fdd", "distillm2"))
 
     @property
     def uses_teacher(self) -> bool:
@@ -101,9 +107,8 @@ def compiles_loss(config: ObjectiveConfig, total_steps: int, device: torch.devic
     on CPU with a C++ compiler for torch.compile to use, for the losses that use the chunked loss."""
     if config.compile_loss is not None:
         return config.compile_loss
-    chunked = not (config.topk or config.loss in ("fdd", "distillm2"))
     compiler = any(shutil.which(name) for name in ("g++", "clang++", "c++"))
-    return chunked and device.type == "cpu" and compiler and total_steps >= COMPILE_FROM_STEPS
+    return config.chunked_loss and device.type == "cpu" and compiler and total_steps >= COMPILE_FROM_STEPS
 
 
 class Objective(nn.Module):
