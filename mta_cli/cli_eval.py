@@ -38,6 +38,8 @@ def eval_command(
     json_out: Path | None = typer.Option(None, "--json", help="write every figure as JSON to this file"),
     generations: Path | None = typer.Option(None, "--generations", help="write every generation as JSONL to this "
                                             "file (with --json, by default <stem>.generations.jsonl next to it)"),
+    nll: bool = typer.Option(True, "--nll/--no-nll", help="score the first reference's NLL / perplexity; "
+                             "--no-nll skips that forward pass when only ROUGE-L is wanted"),
     cache: str | None = typer.Option(None, "--cache", help="extraction cache of the teacher: adds DSA and linear "
                                      "CKA per key-layer pair between each model and the cached teacher states"),
     cache_samples: int = typer.Option(64, "--cache-samples", min=1, help="cached samples used by --cache"),
@@ -81,7 +83,8 @@ def eval_command(
             report = evaluate(model, data, seeds=seed_list, greedy=greedy, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, max_records=max_records, device=device, dtype=dtype,
                               progress=progress, cache=cache, cache_samples=cache_samples, skip_invalid=skip_invalid,
-                              baseline=baseline, bootstrap_samples=bootstrap_samples, bootstrap_seed=bootstrap_seed)
+                              baseline=baseline, bootstrap_samples=bootstrap_samples, bootstrap_seed=bootstrap_seed,
+                              nll=nll)
         out.print(render_table(report))
         if cache:
             out.print(render_trajectory(report))

@@ -277,7 +277,8 @@ class FileResult:
     """Figures of one model on one data file. `rougeL_per_seed` maps str(seed) (or "greedy") to the mean
     ROUGE-L over records; `rougeL_std` is the population std (ddof=0) over seeds, 0 for one seed.
     `rougeL_per_record` (per seed key, in record order) and `nll_per_record` (each record's mean token NLL,
-    None for a record with no response token) are what paired comparisons resample."""
+    None for a record with no response token) are what paired comparisons resample. The three NLL fields
+    are None when the NLL pass was skipped."""
 
     file: str
     sha256: str
@@ -286,9 +287,9 @@ class FileResult:
     rougeL_std: float
     rougeL_per_seed: dict[str, float]
     rougeL_per_record: dict[str, list[float]]
-    nll: float
-    ppl: float
-    nll_per_record: list[float | None]
+    nll: float | None                      # None for every NLL figure when evaluated with nll=False
+    ppl: float | None
+    nll_per_record: list[float | None] | None
     wall_s: float
 
 
@@ -307,12 +308,13 @@ class ModelResult:
 
     def average(self) -> dict:
         """Figures averaged over files: ROUGE-L per seed averaged over files, then mean and population std
-        over seeds (so the mean is the mean of the file means); NLL the mean of file NLLs, ppl = exp of it."""
+        over seeds (so the mean is the mean of the file means); NLL the mean of file NLLs, ppl = exp of it
+        (both None without the NLL pass)."""
         keys = self.files[0].rougeL_per_seed.keys()
         per_seed = {k: statistics.fmean(f.rougeL_per_seed[k] for f in self.files) for k in keys}
-        nll = statistics.fmean(f.nll for f in self.files)
+        nll = None if any(f.nll is None for f in self.files) else statistics.fmean(f.nll for f in self.files)
         return {"rougeL_mean": statistics.fmean(per_seed.values()), "rougeL_std": statistics.pstdev(per_seed.values()),
-                "rougeL_per_seed": per_seed, "nll": nll, "ppl": math.exp(nll),
+                "rougeL_per_seed": per_seed, "nll": nll, "ppl": None if nll is None else math.exp(nll),
                 "wall_s": sum(f.wall_s for f in self.files)}
 
 
@@ -352,8 +354,10 @@ PAIRED_COLUMNS = (("ΔROUGE-L [95% CI]", "rougeL", 2), ("ΔNLL/prompt [95% CI]",
 
 def render_table(report: EvalReport) -> Table:
     """One row per model; a "mean ± std" ROUGE-L cell per data file, their average, and NLL / ppl averaged
-    over files. With a baseline, a column per paired figure (averaged over files): difference [95% CI]."""
+    over files (unless the NLL pass was skipped). With a baseline, a column per paired figure (averaged over
+    files): difference [95% CI]."""
     s = report.settings
+    with_nll = s["nll"]
     decoding = ("greedy" if s["greedy"] else
                 f"T={s['temperature']:g}, top-p={s['top_p']:g}, seeds {','.join(map(str, s['seeds']))}")
     caption = None
@@ -366,17 +370,17 @@ def render_table(report: EvalReport) -> Table:
     files = [f.file for f in report.models[0].files] if report.models else []
     for label in _file_labels(files):
         table.add_column(label, justify="right")
-    for name in ("avg", "NLL", "ppl"):
+    for name in ("avg", "NLL", "ppl") if with_nll else ("avg",):
         table.add_column(name, justify="right")
-    paired_columns = PAIRED_COLUMNS if s["baseline"] is not None else ()
+    paired_columns = [c for c in PAIRED_COLUMNS if with_nll or c[1] != "nll"] if s["baseline"] is not None else []
     for header, _, _ in paired_columns:
         table.add_column(header, justify="right")
     for m in report.models:
         avg = m.average()
         cells = [f"{f.rougeL_mean:.2f} ± {f.rougeL_std:.2f}" for f in m.files]
         deltas = [_paired_cell(m.paired, name, digits) for _, name, digits in paired_columns]
-        table.add_row(m.label, *cells, f"{avg['rougeL_mean']:.2f} ± {avg['rougeL_std']:.2f}",
-                      f"{avg['nll']:.3f}", f"{avg['ppl']:.2f}", *deltas)
+        nll_cells = [f"{avg['nll']:.3f}", f"{avg['ppl']:.2f}"] if with_nll else []
+        table.add_row(m.label, *cells, f"{avg['rougeL_mean']:.2f} ± {avg['rougeL_std']:.2f}", *nll_cells, *deltas)
     return table
 
 
@@ -439,13 +443,13 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
              max_records: int | None = None, max_length: int = 512, max_prompt_length: int = 256,
              device: str = "auto", dtype: str = "fp32", progress=None, cache: str | None = None,
              cache_samples: int = 64, skip_invalid: bool = False, baseline: str | None = None,
-             bootstrap_samples: int = 10_000, bootstrap_seed: int = 0) -> EvalReport:
+             bootstrap_samples: int = 10_000, bootstrap_seed: int = 0, nll: bool = True) -> EvalReport:
     """Evaluate every model on every data file (method.md §8) and return all figures and generations.
 
     Each model is loaded once and freed before the next. Per file: one generation pass per seed (a single
     greedy pass when `greedy`, seeds ignored), ROUGE-L per record (max over references), its mean over
     records per seed, then mean and population std (ddof=0) over seeds; and the NLL / ppl of the first
-    reference (`reference_nll`). A model given as `NAME=PATH` is labelled NAME, else by its folder or file
+    reference (`reference_nll`; skipped with `nll=False`, which leaves every NLL figure None). A model given as `NAME=PATH` is labelled NAME, else by its folder or file
     name. `progress` is an optional `rich.progress.Progress` to report to.
     With `cache`, each model also gets trajectory diagnostics (DSA, CKA per key-layer pair) against the
     teacher states of the cache's first `cache_samples` samples. `skip_invalid` skips invalid records
@@ -466,7 +470,8 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
                 "max_records": max_records, "max_length": max_length, "max_prompt_length": max_prompt_length,
                 "device": str(resolve_device(device)), "dtype": dtype, "std": "population (ddof=0) over seeds",
                 "baseline": None if baseline is None else ModelSource.parse(models[baseline_index]).display,
-                "bootstrap_samples": bootstrap.bootstrap_samples, "bootstrap_seed": bootstrap.bootstrap_seed}
+                "bootstrap_samples": bootstrap.bootstrap_samples, "bootstrap_seed": bootstrap.bootstrap_seed,
+                "nll": nll}
     report = EvalReport(settings=settings, models=[])
     datasets = {}  # path -> Dataset; chat files are re-rendered with each model's chat template
     for label, spec in model_labels(models):
@@ -486,7 +491,7 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
             records = dataset.records[:max_records] if max_records else dataset.records
             advance = None
             if progress:
-                task = progress.add_task(f"{label} · {Path(path).name}", total=len(records) * (len(runs) + 1))
+                task = progress.add_task(f"{label} · {Path(path).name}", total=len(records) * (len(runs) + nll))
                 advance = partial(progress.advance, task)
             t0 = time.perf_counter()
             prompts = [r.prompt for r in records]
@@ -501,14 +506,15 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
                     {"model": name, "file": path, "seed": seed, "line": r.line, "prompt": r.prompt,
                      "prediction": p, "references": list(r.responses), "rougeL": s}
                     for r, p, s in zip(records, predictions, scores)]
-            nll = reference_nll(model, tokenizer, records, batch_size=batch_size, max_length=max_length,
-                                max_prompt_length=max_prompt_length, on_batch=advance)
+            scored = reference_nll(model, tokenizer, records, batch_size=batch_size, max_length=max_length,
+                                   max_prompt_length=max_prompt_length, on_batch=advance) if nll else None
             per_seed = {key: statistics.fmean(scores) for key, scores in per_record.items()}
             result.files.append(FileResult(
                 file=path, sha256=dataset.sha256, n_records=len(records),
                 rougeL_mean=statistics.fmean(per_seed.values()), rougeL_std=statistics.pstdev(per_seed.values()),
-                rougeL_per_seed=per_seed, rougeL_per_record=per_record, nll=nll.nll, ppl=nll.ppl,
-                nll_per_record=nll.per_record, wall_s=time.perf_counter() - t0))
+                rougeL_per_seed=per_seed, rougeL_per_record=per_record,
+                nll=scored.nll if scored else None, ppl=scored.ppl if scored else None,
+                nll_per_record=scored.per_record if scored else None, wall_s=time.perf_counter() - t0))
         if reader is not None:
             result.trajectory = trajectory_diagnostics(model, tokenizer, reader, cache_samples, batch_size,
                                                        resolve_device(device))

@@ -20,6 +20,7 @@ point estimate averages the files' mean differences.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,8 +55,9 @@ def interval(replicates: np.ndarray) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def prompt_differences(model: FileResult, baseline: FileResult) -> tuple[np.ndarray, np.ndarray]:
-    """Per-prompt differences model - baseline on one file: ROUGE-L averaged over seeds [n], and NLL [n].
+def prompt_differences(model: FileResult, baseline: FileResult) -> dict[str, np.ndarray]:
+    """Per-prompt differences model - baseline on one file: {"rougeL": averaged over seeds [n], "nll": [n]}
+    ("nll" only when both were evaluated with the NLL pass).
 
     ValueError when the two were not evaluated on the same prompts and seeds, or a prompt has no NLL."""
     if model.file != baseline.file or model.n_records != baseline.n_records:
@@ -64,11 +66,12 @@ def prompt_differences(model: FileResult, baseline: FileResult) -> tuple[np.ndar
         raise ValueError(f"{model.file}: the model and the baseline were not sampled with the same seeds")
     rouge = np.mean([np.subtract(model.rougeL_per_record[s], baseline.rougeL_per_record[s])
                      for s in baseline.rougeL_per_record], axis=0)
+    if model.nll_per_record is None or baseline.nll_per_record is None:
+        return {"rougeL": rouge}
     if None in model.nll_per_record or None in baseline.nll_per_record:
         raise ValueError(f"{model.file}: a record has no response token left after truncation, so it has no NLL "
                          "to pair; raise max_length or lower max_prompt_length")
-    nll = np.subtract(model.nll_per_record, baseline.nll_per_record)
-    return rouge, nll
+    return {"rougeL": rouge, "nll": np.subtract(model.nll_per_record, baseline.nll_per_record)}
 
 
 def paired_comparison(model_files: list[FileResult], baseline_files: list[FileResult], baseline: str,
@@ -77,18 +80,19 @@ def paired_comparison(model_files: list[FileResult], baseline_files: list[FileRe
 
     {"baseline", "unit": "prompt", "bootstrap_samples", "bootstrap_seed",
      "files": {path: {"rougeL_delta", "rougeL_ci95": [lo, hi], "nll_delta", "nll_ci95", "n_prompts"}},
-     "average": {"rougeL_delta", "rougeL_ci95", "nll_delta", "nll_ci95"}}"""
-    files, deltas, replicates = {}, {"rougeL": [], "nll": []}, {"rougeL": [], "nll": []}
+     "average": {"rougeL_delta", "rougeL_ci95", "nll_delta", "nll_ci95"}}
+    (the nll figures only when every file has them)."""
+    files, deltas, replicates = {}, defaultdict(list), defaultdict(list)
     for index, (m, b) in enumerate(zip(model_files, baseline_files, strict=True)):
         draws = bootstrap.draws(m.n_records, index)
         entry = {}
-        for name, differences in zip(("rougeL", "nll"), prompt_differences(m, b)):
+        for name, differences in prompt_differences(m, b).items():
             deltas[name].append(float(differences.mean()))
             replicates[name].append(differences[draws].mean(axis=1))
             entry |= {f"{name}_delta": deltas[name][-1], f"{name}_ci95": interval(replicates[name][-1])}
         files[m.file] = entry | {"n_prompts": m.n_records}
     average = {}
-    for name in ("rougeL", "nll"):
+    for name in [n for n in ("rougeL", "nll") if len(deltas[n]) == len(model_files)]:
         average |= {f"{name}_delta": float(np.mean(deltas[name])),
                     f"{name}_ci95": interval(np.mean(replicates[name], axis=0))}
     return {"baseline": baseline, "unit": "prompt", "bootstrap_samples": bootstrap.bootstrap_samples,

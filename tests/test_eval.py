@@ -187,6 +187,37 @@ def test_render_table_has_a_row_per_model_and_a_column_per_file(model_dirs, data
     assert [c.header for c in table.columns] == ["model", "prompts.jsonl", "alpaca.jsonl", "avg", "NLL", "ppl"]
 
 
+def test_no_nll_skips_the_nll_pass_and_keeps_every_rouge_figure(tmp_path, model_dirs, data_files, monkeypatch):
+    """--no-nll: the same generations and ROUGE-L (and paired ROUGE-L) as with the NLL pass, no NLL figure,
+    no NLL column, and reference_nll never called."""
+    import mta_cli.evaluation as evaluation
+
+    options = dict(seeds=(10, 20), max_new_tokens=5, batch_size=2, device="cpu", baseline=model_dirs[0])
+    full = evaluate(model_dirs, data_files[:1], **options)
+    monkeypatch.setattr(evaluation, "reference_nll", lambda *a, **k: pytest.fail("NLL computed with nll=False"))
+    with Progress(disable=True) as progress:
+        skipped = evaluate(model_dirs, data_files[:1], nll=False, progress=progress, **options)
+    assert [(t.completed, t.total) for t in progress.tasks] == [(2 * len(RECORDS), 2 * len(RECORDS))] * 2
+    assert skipped.settings["nll"] is False and full.settings["nll"] is True
+    assert [g["prediction"] for g in skipped.generations] == [g["prediction"] for g in full.generations]
+    for a, b in zip(skipped.to_json()["models"], full.to_json()["models"]):
+        assert a["files"][0]["rougeL_per_record"] == b["files"][0]["rougeL_per_record"]
+        assert (a["files"][0]["nll"], a["files"][0]["ppl"], a["files"][0]["nll_per_record"]) == (None, None, None)
+        assert (a["average"]["nll"], a["average"]["ppl"]) == (None, None)
+    paired = skipped.models[1].paired["average"]
+    assert set(paired) == {"rougeL_delta", "rougeL_ci95"}
+    assert paired["rougeL_delta"] == full.models[1].paired["average"]["rougeL_delta"]
+    assert [c.header for c in render_table(skipped).columns] == ["model", "prompts.jsonl", "avg", "ΔROUGE-L [95% CI]"]
+
+    app = typer.Typer()
+    app.command()(eval_command)
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["--model", model_dirs[0], "--data", data_files[0], "--seeds", "10",
+                                      "--max-new-tokens", "3", "--device", "cpu", "--no-nll", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["models"][0]["average"]["nll"] is None and "NLL" not in result.stdout
+
+
 def test_eval_command_reports_a_missing_data_file(tmp_path, model_dirs):
     app = typer.Typer()
     app.command()(eval_command)
