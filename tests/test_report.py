@@ -170,6 +170,30 @@ def test_paired_intervals_are_drawn_where_the_evaluation_has_them(evaluation, pa
     assert table[0][-2:] == ["baseline", "baseline"] and table[1][-2:] == ["-4.00 [-5.50, -2.50]", "+0.90 [+0.20, +1.60]"]
 
 
+def test_an_evaluation_without_nll_is_reported_with_rouge_only(paired, tmp_path):
+    """An `mta eval --no-nll` file (NLL figures null, paired ROUGE-L only): the table, the score bars and the
+    paired plot leave NLL out instead of failing."""
+    figures_ = json.loads(paired.read_text())
+    for model in figures_["models"]:
+        for row in [*model["files"], model["average"]]:
+            row["nll"] = row["ppl"] = None
+            row.pop("nll_per_record", None)
+        if model["paired"]:
+            for row in [*model["paired"]["files"].values(), model["paired"]["average"]]:
+                del row["nll_delta"], row["nll_ci95"]
+    (tmp_path / "eval.json").write_text(json.dumps(figures_))
+    evaluation_ = read_inputs([tmp_path / "eval.json"]).evaluations[0]
+    assert not evaluation_.has_nll and read_inputs([paired]).evaluations[0].has_nll
+    headers, table = evaluation_table(evaluation_)
+    assert "NLL" not in headers and headers[-1] == "ΔROUGE-L [95% CI]"
+    assert table[0][-1] == "baseline" and table[1][-1] == "-4.00 [-5.50, -2.50]"
+    scores = figures.score_bars(evaluation_)
+    assert [ax.get_title() for ax in scores.figure.axes] == ["ROUGE-L (higher is better)"]
+    assert "NLL" not in scores.caption
+    chart = figures.paired_differences(evaluation_)
+    assert [ax.get_title() for ax in chart.figure.axes] == ["ROUGE-L difference (x100)"]
+
+
 def test_trajectory_heatmaps_hold_dsa_and_cka_per_key_layer_pair(evaluation):
     evaluation_ = read_inputs([evaluation]).evaluations[0]
     chart = figures.trajectory_heatmaps(evaluation_)

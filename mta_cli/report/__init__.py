@@ -63,11 +63,13 @@ def runs_table(runs: list[Run]) -> tuple[list[str], list[list]]:
 
 def evaluation_table(evaluation: Evaluation) -> tuple[list[str], list[list]]:
     """One row per model: ROUGE-L mean (± std over seeds) per file and on average, NLL, ppl, and the paired difference
-    against the baseline with its 95% interval where the evaluation has one."""
+    against the baseline with its 95% interval where the evaluation has one (no NLL columns for a --no-nll one)."""
     files = figures.file_names(evaluation)
     paired = any(m.get("paired") for m in evaluation.models)
+    compared = ("rougeL", "nll") if evaluation.has_nll else ("rougeL",)
     headers = ["model", *(f"ROUGE-L {f}" for f in files)] + (["ROUGE-L average"] if len(files) > 1 else [])
-    headers += ["NLL", "ppl"] + (["ΔROUGE-L [95% CI]", "ΔNLL [95% CI]"] if paired else [])
+    headers += (["NLL", "ppl"] if evaluation.has_nll else []) + (
+        [{"rougeL": "ΔROUGE-L [95% CI]", "nll": "ΔNLL [95% CI]"}[k] for k in compared] if paired else [])
     spread = len(evaluation.figures.get("settings", {}).get("seeds") or []) > 1  # a std over one pass is no spread
 
     def rouge(row: dict) -> str:
@@ -79,12 +81,13 @@ def evaluation_table(evaluation: Evaluation) -> tuple[list[str], list[list]]:
         average = model["average"]
         if len(files) > 1:
             cells.append(rouge(average))
-        cells += [f"{average['nll']:.3f}", f"{average['ppl']:,.2f}"]
+        if evaluation.has_nll:
+            cells += [f"{average['nll']:.3f}", f"{average['ppl']:,.2f}"]
         if paired:
             difference = (model.get("paired") or {}).get("average")
             cells += ([f"{difference[k + '_delta']:+.2f} [{difference[k + '_ci95'][0]:+.2f}, "
-                       f"{difference[k + '_ci95'][1]:+.2f}]" for k in ("rougeL", "nll")] if difference
-                      else ["baseline", "baseline"])
+                       f"{difference[k + '_ci95'][1]:+.2f}]" for k in compared] if difference
+                      else ["baseline"] * len(compared))
         rows.append([name, *cells])
     return headers, rows
 

@@ -151,25 +151,34 @@ def _decoding(settings: dict) -> str:
 
 def score_bars(evaluation: Evaluation) -> Chart:
     """ROUGE-L F x100 (error bars ± std over sampling seeds) and the teacher-forced NLL of the first reference,
-    per model and data file: side by side, or one above the other when there are many bars."""
+    per model and data file: side by side, or one above the other when there are many bars (ROUGE-L alone for
+    an evaluation run with --no-nll)."""
     settings = evaluation.figures.get("settings", {})
     seeds = settings.get("seeds") or []
     bars = len(evaluation.models) * (len(evaluation.models[0]["files"]) + (len(evaluation.models[0]["files"]) > 1))
     panel_width = max(4.5, 1.0 + 0.5 * bars)
+    panels = 2 if evaluation.has_nll else 1
     stacked = panel_width > 7
-    figure = Figure(figsize=(panel_width, 8.4) if stacked else (2 * panel_width, 4.2), layout="constrained")
-    rouge, nll = figure.subplots(2, 1) if stacked else figure.subplots(1, 2)
+    figure = Figure(figsize=(panel_width, 4.2 * panels) if stacked else (panels * panel_width, 4.2),
+                    layout="constrained")
+    axes = figure.subplots(panels, 1, squeeze=False) if stacked else figure.subplots(1, panels, squeeze=False)
+    rouge = axes.flat[0]
     _grouped_bars(rouge, evaluation, "rougeL_mean", "rougeL_std" if len(seeds) > 1 else None, "ROUGE-L F x100")
     rouge.set_title("ROUGE-L (higher is better)", fontsize=10)
-    _grouped_bars(nll, evaluation, "nll", None, "NLL (nats / token)")
-    nll.set_title("NLL (lower is better)", fontsize=10)
     spread = (f"error bars: ± std over {len(seeds)} seeds ({settings.get('std', 'population')})" if len(seeds) > 1
               else "one decoding pass, so no spread over seeds to show")
-    ppl = "; ".join(f"{name} {m['average']['ppl']:,.1f}" for name, m in zip(model_names(evaluation), evaluation.models))
-    return Chart(f"{slug(evaluation.name)}-scores", f"ROUGE-L and NLL — {evaluation.name}",
-                 f"ROUGE-L F x100 of the generations, {_decoding(settings)}; {spread}. NLL: mean negative "
-                 f"log-likelihood per response token of the first reference, teacher-forced; perplexity over all "
-                 f"files: {ppl}. Data: {', '.join(file_names(evaluation))}.", figure)
+    caption = f"ROUGE-L F x100 of the generations, {_decoding(settings)}; {spread}."
+    if evaluation.has_nll:
+        nll = axes.flat[1]
+        _grouped_bars(nll, evaluation, "nll", None, "NLL (nats / token)")
+        nll.set_title("NLL (lower is better)", fontsize=10)
+        ppl = "; ".join(f"{name} {m['average']['ppl']:,.1f}"
+                        for name, m in zip(model_names(evaluation), evaluation.models))
+        caption += (" NLL: mean negative log-likelihood per response token of the first reference, teacher-forced; "
+                    f"perplexity over all files: {ppl}.")
+    title = "ROUGE-L and NLL" if evaluation.has_nll else "ROUGE-L"
+    return Chart(f"{slug(evaluation.name)}-scores", f"{title} — {evaluation.name}",
+                 f"{caption} Data: {', '.join(file_names(evaluation))}.", figure)
 
 
 def paired_differences(evaluation: Evaluation) -> Chart | None:
@@ -186,11 +195,12 @@ def paired_differences(evaluation: Evaluation) -> Chart | None:
             rows.append((f"{name} · {labels.get(path, path)}", figures))
         if len(paired["files"]) > 1:
             rows.append((f"{name} · average", paired["average"]))
-    figure = Figure(figsize=(10, 1.2 + 0.38 * len(rows)), layout="constrained")
-    axes = figure.subplots(1, 2, sharey=True)
+    panels = [("rougeL", "ROUGE-L difference (x100)", 1)] + (
+        [("nll", "NLL difference (nats / token)", -1)] if evaluation.has_nll else [])
+    figure = Figure(figsize=(5 * len(panels), 1.2 + 0.38 * len(rows)), layout="constrained")
+    axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     y = np.arange(len(rows))[::-1]
-    for ax, key, title, better in ((axes[0], "rougeL", "ROUGE-L difference (x100)", 1),
-                                   (axes[1], "nll", "NLL difference (nats / token)", -1)):
+    for ax, (key, title, better) in zip(axes, panels):
         for yi, (_, figures) in zip(y, rows):
             delta, (low, high) = figures[f"{key}_delta"], figures[f"{key}_ci95"]
             excludes_zero = low > 0 or high < 0
@@ -205,7 +215,8 @@ def paired_differences(evaluation: Evaluation) -> Chart | None:
     caption = (f"Each model minus the baseline {first['baseline']}, paired by {first.get('unit', 'prompt')}: point = "
                f"difference, bar = 95% interval from {first.get('bootstrap_samples', '?')} bootstrap resamples (seed "
                f"{first.get('bootstrap_seed', '?')}). Green: better than the baseline with the interval excluding 0; "
-               "red: worse; grey: the interval includes 0. Higher ROUGE-L and lower NLL are better.")
+               "red: worse; grey: the interval includes 0. Higher ROUGE-L" + (" and lower NLL" if evaluation.has_nll else "")
+               + " are better.")
     return Chart(f"{slug(evaluation.name)}-paired", f"Paired differences against {first['baseline']} — "
                  f"{evaluation.name}", caption, figure)
 

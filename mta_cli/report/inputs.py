@@ -37,6 +37,11 @@ class Evaluation:
     def models(self) -> list[dict]:
         return self.figures["models"]
 
+    @property
+    def has_nll(self) -> bool:
+        """False for an evaluation run with `--no-nll` (its NLL figures are null)."""
+        return all(m["average"].get("nll") is not None for m in self.models)
+
 
 @dataclass
 class Inputs:
