@@ -449,8 +449,9 @@ def evaluate(models: list[str], data_files: list[str], seeds: Sequence[int] = DE
     Each model is loaded once and freed before the next. Per file: one generation pass per seed (a single
     greedy pass when `greedy`, seeds ignored), ROUGE-L per record (max over references), its mean over
     records per seed, then mean and population std (ddof=0) over seeds; and the NLL / ppl of the first
-    reference (`reference_nll`; skipped with `nll=False`, which leaves every NLL figure None). A model given as `NAME=PATH` is labelled NAME, else by its folder or file
-    name. `progress` is an optional `rich.progress.Progress` to report to.
+    reference (`reference_nll`; skipped with `nll=False`, which leaves every NLL figure None). A model given
+    as `NAME=PATH` is labelled NAME, else by its folder or file name. `progress` is an optional
+    `rich.progress.Progress` to report to.
     With `cache`, each model also gets trajectory diagnostics (DSA, CKA per key-layer pair) against the
     teacher states of the cache's first `cache_samples` samples. `skip_invalid` skips invalid records
     instead of refusing the file.
