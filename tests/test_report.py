@@ -192,6 +192,7 @@ def test_an_evaluation_without_nll_is_reported_with_rouge_only(paired, tmp_path)
     assert "NLL" not in scores.caption
     chart = figures.paired_differences(evaluation_)
     assert [ax.get_title() for ax in chart.figure.axes] == ["ROUGE-L difference (x100)"]
+    assert chart.caption.endswith("Higher ROUGE-L is better.")
 
 
 def test_trajectory_heatmaps_hold_dsa_and_cka_per_key_layer_pair(evaluation):

@@ -215,8 +215,8 @@ def paired_differences(evaluation: Evaluation) -> Chart | None:
     caption = (f"Each model minus the baseline {first['baseline']}, paired by {first.get('unit', 'prompt')}: point = "
                f"difference, bar = 95% interval from {first.get('bootstrap_samples', '?')} bootstrap resamples (seed "
                f"{first.get('bootstrap_seed', '?')}). Green: better than the baseline with the interval excluding 0; "
-               "red: worse; grey: the interval includes 0. Higher ROUGE-L" + (" and lower NLL" if evaluation.has_nll else "")
-               + " are better.")
+               "red: worse; grey: the interval includes 0. "
+               + ("Higher ROUGE-L and lower NLL are better." if evaluation.has_nll else "Higher ROUGE-L is better."))
     return Chart(f"{slug(evaluation.name)}-paired", f"Paired differences against {first['baseline']} — "
                  f"{evaluation.name}", caption, figure)
 
