@@ -205,10 +205,10 @@ def prepare(config: TrainConfig, device: torch.device,
         total_steps = plan_steps(config, batches.batches_per_epoch())
     objective.compile_loss = compiles_loss(config.objective, total_steps, device)
     model = wrap(Distilled(student, objective), ranks, config.fsdp)
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in student.parameters() if p.requires_grad], "lr": config.lr},
-        {"params": list(objective.parameters()), "lr": config.projector_lr},
-    ], weight_decay=config.weight_decay)
+    groups = [{"params": [p for p in student.parameters() if p.requires_grad], "lr": config.lr},
+              {"params": list(objective.parameters()), "lr": config.projector_lr}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay,
+                                  fused=fused_adamw(groups, device, config.fsdp))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(int(config.warmup_ratio * total_steps), total_steps))
     position, resumed_from = {"step": 0, "epoch": 0, "batch": 0}, None
@@ -225,6 +225,15 @@ def prepare(config: TrainConfig, device: torch.device,
     if config.student_data == "adaptive":
         start_schedule(run, config, source, layers, device)
     return run
+
+
+def fused_adamw(groups: list[dict], device: torch.device, fsdp: bool) -> bool:
+    """Whether AdamW can run as torch's fused kernel: one pass over each tensor instead of a dozen. On CPU
+    torch's default is the per-tensor loop, 15x slower (0.34 against 0.022 s for a 64 M-parameter student on
+    2 cores). Not under FSDP (sharded DTensor parameters keep the default path)."""
+    params = [p for group in groups for p in group["params"]]
+    return (not fsdp and device.type in ("cpu", "cuda")
+            and all(p.is_floating_point() and p.device.type == device.type for p in params))
 
 
 def check_distillm2_data(config: TrainConfig, source: Source) -> None:
