@@ -23,6 +23,7 @@ import torch
 from mta_cli import distributed
 from mta_cli.cache.reader import CacheReader
 from mta_cli.distributed import Ranks
+from mta_cli.host_memory import keep_freed_memory
 from mta_cli.models import hidden_size, n_layers, tokenizer_fingerprint
 from mta_cli.options import check_choice, check_number
 from mta_cli.student import build_student
@@ -351,6 +352,8 @@ def train(config: TrainConfig, progress: Callable[[str, dict], None] | None = No
         raise ValueError("--fsdp shards the student over the processes of a torchrun job; start the command with "
                          "`torchrun --nproc-per-node N`, or drop --fsdp")
     device = distributed.rank_device(config.device, ranks)
+    if device.type == "cpu":
+        keep_freed_memory()
     out = Path(config.out)
     with distributed.process_group(device) as ranks:
         report = progress if progress is not None and ranks.main else (lambda event, info: None)
