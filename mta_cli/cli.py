@@ -207,9 +207,9 @@ def train(
     kd_chunk_size: int = typer.Option(None, "--kd-chunk-size", min=1, help="target positions per vocabulary chunk "
                                       "of the KD losses [default: ~48 MiB per [chunk, V] float32 tensor, 256 for a "
                                       "49k vocabulary]"),
-    compile_loss: bool | None = typer.Option(None, "--compile-loss/--no-compile-loss", help="torch.compile the "
-                                             "per-chunk loss: ~21 s once, then faster steps (see README Performance) "
-                                             "[default: on for runs of 200 steps or more on CPU with a C++ compiler]"),
+    compile_loss: bool = typer.Option(False, "--compile-loss/--no-compile-loss", help="torch.compile the per-chunk "
+                                      "loss: the same values, ~21 s once, no faster on the 2-core CPU measured "
+                                      "(README Performance)"),
     fdd_divergence: str = typer.Option("fkl", "--fdd-divergence", help="FDD: divergence of its logit, trajectory "
                                        "and delta terms"),
     fdd_feature_weight: float = typer.Option(1.0, "--fdd-feature-weight", help="FDD: weight of the layer-wise "

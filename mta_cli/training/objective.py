@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ class ObjectiveConfig:
     student_pooling: str = "student"
     key_layers: list[tuple[int, int, str]] = field(default_factory=list)
     chunk_size: int | None = None     # target positions per vocabulary chunk; None: from the vocabulary size
-    compile_loss: bool | None = None  # torch.compile the per-chunk loss; None: where it pays (`compiles_loss`)
+    compile_loss: bool = False       # torch.compile the per-chunk loss (same values; see README Performance)
     topk: bool = False   # base loss from the cache's top-k teacher log-probs instead of exact logits
     skew_lambda: float = 0.1          # λ of skl / srkl (DistiLLM: 0.1)
     akl_mu: float = 0.5               # μ of akl, the teacher mass of the head (AKL: 0.5)
@@ -99,18 +98,6 @@ def student_head(model) -> LogitHead:
     return output_head(model, detach=False)
 
 
-COMPILE_FROM_STEPS = 200  # compiling the chunk loss takes ~21 s on 2 CPU cores and pays back after ~60 steps
-
-
-def compiles_loss(config: ObjectiveConfig, total_steps: int, device: torch.device) -> bool:
-    """--compile-loss as given; unset, on where it was measured to pay: runs of COMPILE_FROM_STEPS steps or more
-    on CPU with a C++ compiler for torch.compile to use, for the losses that use the chunked loss."""
-    if config.compile_loss is not None:
-        return config.compile_loss
-    compiler = any(shutil.which(name) for name in ("g++", "clang++", "c++"))
-    return config.chunked_loss and device.type == "cpu" and compiler and total_steps >= COMPILE_FROM_STEPS
-
-
 class Objective(nn.Module):
     """Computes every loss component of a batch; owns the MTA projectors (trainable).
 
@@ -134,7 +121,7 @@ class Objective(nn.Module):
         super().__init__()
         self.config = config
         self.chunk_size = config.chunk_size or auto_chunk_size(vocab_size or teacher_head.weight.shape[0])
-        self.compile_loss = bool(config.compile_loss)  # the trainer sets it from `compiles_loss` once steps are known
+        self.compile_loss = bool(config.compile_loss)
         self.teacher_head = teacher_head
         self.teacher_norm = teacher_norm
         self.teacher_last_layer = teacher_last_layer

@@ -32,7 +32,7 @@ from mta_cli.training.checkpoint import drop_old_checkpoints, latest_checkpoint,
 from mta_cli.training.data import DataBatches
 from mta_cli.training.mixing import MixedBatches, StudentDataSchedule, cache_role
 from mta_cli.training.loggers import MetricsLoggers, check_reporters
-from mta_cli.training.objective import Objective, ObjectiveConfig, compiles_loss
+from mta_cli.training.objective import Objective, ObjectiveConfig
 from mta_cli.training.parallel import (Distilled, clip_gradients, full_model_state, mean_over_ranks, sharded,
                                       total_over_ranks, wrap)
 from mta_cli.training.recipes import recipe
@@ -204,7 +204,6 @@ def prepare(config: TrainConfig, device: torch.device,
         student, tokenizer, objective, source, layers, origin = build(config, device, report)
         batches = source.batches(tokenizer, layers, own_tokenizer(source, tokenizer), (ranks.rank, ranks.world))
         total_steps = plan_steps(config, batches.batches_per_epoch())
-    objective.compile_loss = compiles_loss(config.objective, total_steps, device)
     model = wrap(Distilled(student, objective), ranks, config.fsdp)
     groups = [{"params": [p for p in student.parameters() if p.requires_grad], "lr": config.lr},
               {"params": list(objective.parameters()), "lr": config.projector_lr}]
