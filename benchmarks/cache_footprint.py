@@ -5,7 +5,7 @@ bf16) and of its fp32, fp16, int8, mixed (last layer bf16, other key layers int8
 beside two computed references: dense teacher logits in bf16 (vocab x 2 bytes) and every layer's
 states in bf16 (31 x 576 x 2 bytes, uncompressed).
 
-    .venv/bin/python -m benchmarks.cache_footprint [--records 48]
+    .venv/bin/python -m benchmarks.cache_footprint [--records 32]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ VARIANTS = [("bf16 (default)", {"dtype": "bf16"}), ("fp32", {"dtype": "fp32"}), 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=48)
+    parser.add_argument("--records", type=int, default=32)
     args = parser.parse_args()
     teacher, data = teacher_folder(), dolly_subset("train", args.records)
     rows, figures = [], {}

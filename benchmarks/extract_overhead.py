@@ -5,7 +5,7 @@ dtype, same `output_hidden_states` forward, same length-bucketed batches). A rat
 tokenization, spaCy, encoding and writing are hidden behind the forward. Bare and extract runs
 alternate and the ratio is taken pair by pair (the machine is noisy).
 
-    .venv/bin/python -m benchmarks.extract_overhead [--records 128] [--pairs 2]
+    .venv/bin/python -m benchmarks.extract_overhead [--records 96] [--pairs 2]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def bare_forward_tokens_per_second(model, samples, config: ExtractConfig, layers
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=128)
+    parser.add_argument("--records", type=int, default=96)
     parser.add_argument("--pairs", type=int, default=2)
     args = parser.parse_args()
 

@@ -4,7 +4,7 @@ Samples/s that the cache loader delivers (shard reads, bf16 decode, collation in
 layers 15/22/30 as `srkl --mta` needs them) divided by the samples/s a training step consumes
 (offline `srkl --mta`, 8-layer student, batch 8). Target: at least 10x, so the step never waits.
 
-    .venv/bin/python -m benchmarks.loader_headroom [--records 256]
+    .venv/bin/python -m benchmarks.loader_headroom [--records 128]
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from mta_cli.training.trainer import TrainConfig, train
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=256)
+    parser.add_argument("--records", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     teacher, data = str(teacher_folder()), str(dolly_subset("train", args.records))
-    cache = WORK / f"train-{args.records}.zarr"
+    cache = WORK / f"loader-{args.records}.zarr"
     extract(ExtractConfig(teacher=teacher, data=data, out=str(cache), max_length=256, max_prompt_length=128,
                           shard_size=64))
     reader = CacheReader(str(cache))
