@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator
@@ -199,12 +200,13 @@ class CacheReader:
         return list(layers)
 
     def read_shard(self, position: int, layers: list[int] | None = None) -> ShardData:
-        """Decode the `position`-th complete shard whole (sequential reads, the fast path)."""
+        """Decode the `position`-th complete shard whole (sequential reads, the fast path). Its arrays are read
+        concurrently: from object storage each costs its own requests, whose latencies then overlap."""
         layers = self.check_layers(layers)
         group = self._checked_group(shard_name(self.shard_indices[position]))
-        arrays = {name: self._read(group, name) for name in group.array_keys()}
-        for name in self._state_arrays(layers):
-            arrays[name] = self._read(group, name)
+        names = list(group.array_keys()) + self._state_arrays(layers)
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            arrays = dict(zip(names, pool.map(lambda name: self._read(group, name), names)))
         return ShardData(arrays, int(self.shard_starts[position]), layers, self.layer_dtypes)
 
     def sample_lengths(self, position: int) -> np.ndarray:
