@@ -121,7 +121,6 @@ class Objective(nn.Module):
         super().__init__()
         self.config = config
         self.chunk_size = config.chunk_size or auto_chunk_size(vocab_size or teacher_head.weight.shape[0])
-        self.compile_loss = bool(config.compile_loss)
         self.teacher_head = teacher_head
         self.teacher_norm = teacher_norm
         self.teacher_last_layer = teacher_last_layer
@@ -168,7 +167,7 @@ class Objective(nn.Module):
             teacher_hidden = batch.teacher_states[self.teacher_last_layer][targets] if needs_teacher else None
             losses = kd_loss(student_hidden, student_head(student), teacher_hidden,
                              self.teacher_head if needs_teacher else None, labels, c.loss, c.kd_alpha, c.temperature,
-                             self.chunk_size, c.skew_lambda, c.akl_mu, tokens, self.compile_loss)
+                             self.chunk_size, c.skew_lambda, c.akl_mu, tokens, c.compile_loss)
         if self.mta is not None:
             student_states = {s: out.hidden_states[s] for s, _, _ in c.key_layers}
             teacher_states = {t: batch.teacher_states[t] for _, t, _ in c.key_layers}
